@@ -1,0 +1,256 @@
+"""ProxyGMLLoss: ProxyGML (Zhu et al., NeurIPS 2020) as a pytorch-metric-learning loss."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from .. import functional as gml
+
+# Above this many multiply-adds per step the exact regulariser gets a warning.
+REGULARIZER_WARNING_FLOPS = 1e11
+
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def official_uniform_init(proxies: torch.Tensor) -> None:
+    """U(-1/sqrt(CN), 1/sqrt(CN)): the official Kaiming-uniform(a=sqrt(5)) scale."""
+    bound = 1.0 / math.sqrt(proxies.shape[0])
+    with torch.no_grad():
+        proxies.uniform_(-bound, bound)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """ProxyGML: deep graph metric learning with fewer proxies (NeurIPS 2020).
+
+    Each sample keeps its k most relevant proxies (all of its own class first), sums the
+    kept cosine similarities per class, and takes a softmax cross-entropy over the classes
+    that appear in its sub-graph; a proxy regulariser weighted by ``weight_lambda`` pulls
+    each proxy towards its own class. Computes what the official code computes, through a
+    sparse path: nothing of size (CN, C) or (CN, CN) is built.
+
+    Args:
+        num_classes: C, the number of training classes; labels must lie in [0, C).
+        embedding_size: d.
+        proxies_per_class: N (official: 12 on CUB and Cars, 1 on SOP).
+        r: fraction of the C * N proxies kept per sample, k = ceil(r * C * N).
+        top_k: k itself; overrides ``r`` when given (capped at C * N).
+        weight_lambda: weight of the proxy regulariser (official: 0.3 on CUB and Cars,
+            0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
+        regularizer_block_elements: memory budget (in logits) of one block of the
+            regulariser; larger problems are processed block by block.
+        **kwargs: PML's ``reducer``, ``distance`` (``CosineSimilarity`` by default; a
+            ``DotProductSimilarity(normalize_embeddings=False)`` skips normalising the
+            embeddings, as the official loss does), ``embedding_regularizer``,
+            ``weight_regularizer``, ``weight_init_func`` and ``collect_stats``.
+
+    The proxies are one parameter ``proxies`` of shape (C * N, d), row j of class j // N.
+    Sub-losses: ``loss`` (per-sample classification loss, batch mean by default) and
+    ``proxy_reg_loss`` (``weight_lambda`` times the regulariser, already reduced).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        proxies_per_class: int = 12,
+        r: float = 0.05,
+        top_k: int | None = None,
+        weight_lambda: float = 0.3,
+        regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
+        **kwargs,
+    ):
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("embedding_size", embedding_size)
+        _check_positive_int("proxies_per_class", proxies_per_class)
+        if top_k is not None:
+            _check_positive_int("top_k", top_k)
+        _check_positive_int("regularizer_block_elements", regularizer_block_elements)
+        if not isinstance(r, numbers.Real) or not 0 < r <= 1:
+            raise ValueError(f"r must be in (0, 1], got {r!r}")
+        if not isinstance(weight_lambda, numbers.Real) or not weight_lambda >= 0:
+            raise ValueError(f"weight_lambda must be >= 0, got {weight_lambda!r}")
+        super().__init__(**kwargs)
+        self._check_distance()
+        self.num_classes = int(num_classes)
+        self.embedding_size = int(embedding_size)
+        self.proxies_per_class = int(proxies_per_class)
+        self.r = float(r)
+        self.weight_lambda = float(weight_lambda)
+        self.regularizer_block_elements = int(regularizer_block_elements)
+        self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
+        self.proxies = torch.nn.Parameter(
+            torch.empty(self.num_classes * self.proxies_per_class, self.embedding_size)
+        )
+        self.weight_init_func(self.proxies)
+        self.add_to_recordable_attributes(
+            list_of_names=[
+                "num_classes",
+                "embedding_size",
+                "proxies_per_class",
+                "r",
+                "top_k",
+                "weight_lambda",
+            ],
+            is_stat=False,
+        )
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_classes_per_subgraph", "proxy_reg_value"], is_stat=True
+        )
+        self._warn_about_costly_or_degenerate_settings()
+
+    def _check_distance(self) -> None:
+        distance = self.distance
+        if not isinstance(distance, DotProductSimilarity) or distance.power != 1 or distance.p != 2:
+            raise ValueError(
+                "ProxyGMLLoss requires distance to be CosineSimilarity() or "
+                f"DotProductSimilarity() with p=2 and power=1, got {distance!r}"
+            )
+
+    def _warn_about_costly_or_degenerate_settings(self) -> None:
+        if self.top_k <= self.proxies_per_class:
+            warnings.warn(
+                f"ProxyGMLLoss: top_k={self.top_k} <= proxies_per_class="
+                f"{self.proxies_per_class}, so no proxy of another class is kept and the "
+                "classification loss is ~0. Raise r or top_k (r=0.05 suits about 40 or "
+                "more classes with 12 proxies each).",
+                stacklevel=3,
+            )
+        total = self.num_classes * self.proxies_per_class
+        flops = total * self.num_classes * self.embedding_size
+        if self.weight_lambda > 0 and flops > REGULARIZER_WARNING_FLOPS:
+            warnings.warn(
+                f"ProxyGMLLoss: the proxy regulariser costs about {flops:.1e} multiply-adds "
+                f"per step (C * N * C * d with C={self.num_classes}, "
+                f"N={self.proxies_per_class}). The official recipe for many classes (SOP) "
+                "uses weight_lambda=0 and proxies_per_class=1.",
+                stacklevel=3,
+            )
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's forward; float16/bfloat16 embeddings are upcast to float32 on entry."""
+        if torch.is_tensor(embeddings) and embeddings.dtype in LOW_PRECISION_DTYPES:
+            embeddings = embeddings.float()
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self._check_inputs(embeddings, labels)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            x, proxies = self._normalized_inputs(embeddings)
+            similarities = self.distance.compute_mat(x, proxies)
+            kept = gml.select_topk(similarities, labels, self.proxies_per_class, self.top_k)
+            logits, classes, present = gml.class_logits(
+                similarities.gather(1, kept), kept // self.proxies_per_class
+            )
+            probabilities = gml.masked_softmax(logits, present & (logits != 0))
+            per_sample = gml.classification_loss(probabilities, classes == labels.unsqueeze(1))
+            miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=x.dtype)
+            loss_dict = {
+                "loss": {
+                    "losses": per_sample * miner_weights,
+                    "indices": c_f.torch_arange_from_size(embeddings),
+                    "reduction_type": "element",
+                },
+                "proxy_reg_loss": self._proxy_regularization(proxies),
+            }
+            if self.collect_stats:
+                self.avg_classes_per_subgraph = present.sum(dim=1).float().mean().item()
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        return loss_dict
+
+    def _proxy_regularization(self, normalized_proxies: torch.Tensor) -> dict:
+        if self.weight_lambda == 0:
+            return self.zero_loss()
+        reg = gml.proxy_regularizer(
+            normalized_proxies, self.proxies_per_class, self.regularizer_block_elements
+        )
+        if self.collect_stats:
+            self.proxy_reg_value = reg.item()
+        return {
+            "losses": self.weight_lambda * reg,
+            "indices": None,
+            "reduction_type": "already_reduced",
+        }
+
+    def _normalized_inputs(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (normalised if the distance says so) and unit proxies, in one dtype.
+
+        The compute dtype is the promotion of both (at least float32): float64 embeddings
+        or ``.double()`` proxies give float64 throughout. The parameter itself is never cast.
+        """
+        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
+        embeddings = embeddings.to(dtype)
+        proxies = self.proxies.to(device=embeddings.device, dtype=dtype)
+        x = self.distance.maybe_normalize(embeddings)
+        unit_proxies = F.normalize(proxies, p=2, dim=1)
+        self.distance.reset_stats()
+        self.distance.set_default_stats(embeddings, proxies, x, unit_proxies)
+        return x, unit_proxies
+
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """ValueErrors that name the bad argument; one host sync for the value checks."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must have shape (batch_size, {self.embedding_size}), "
+                f"got {tuple(embeddings.shape)}"
+            )
+        if embeddings.shape[0] == 0:
+            raise ValueError("embeddings is an empty batch (batch_size 0)")
+        if not embeddings.is_floating_point():
+            raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        labels_in_range = (labels.min() >= 0) & (labels.max() < self.num_classes)
+        if bool(labels_in_range & torch.isfinite(embeddings).all()):
+            return
+        bad_labels = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad_labels) > 0:
+            raise ValueError(
+                f"labels must be in [0, num_classes={self.num_classes}), "
+                f"got {bad_labels.unique().tolist()[:10]}"
+            )
+        bad_rows = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten()
+        raise ValueError(f"embeddings contain NaN or Inf in rows {bad_rows.tolist()[:10]}")
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) class scores of ProxyGML's sub-graph without labels.
+
+        Each sample keeps its k most similar proxies; a class scores the sum of its kept
+        similarities, and classes with no kept proxy score -inf, so ``softmax`` of the
+        result is ProxyGML's class distribution for the sample.
+        """
+        with torch.autocast(embeddings.device.type, enabled=False):
+            x, proxies = self._normalized_inputs(embeddings)
+            similarities = self.distance.compute_mat(x, proxies)
+            kept = similarities.topk(self.top_k, dim=1).indices
+            kept_classes = kept // self.proxies_per_class
+            scores = torch.zeros(
+                len(x), self.num_classes, dtype=x.dtype, device=x.device
+            ).scatter_add(1, kept_classes, similarities.gather(1, kept))
+            selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_classes, True)
+            return scores.masked_fill(~selected, float("-inf"))
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_weight_init_func(self):
+        return official_uniform_init
+
+    def _sub_loss_names(self):
+        return ["loss", "proxy_reg_loss"]
