@@ -1,0 +1,120 @@
+"""Dtypes, autocast, and readiness for CUDA without a GPU (host syncs, device placement)."""
+
+import pytest
+import torch
+from pytorch_metric_learning.reducers import DoNothingReducer
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pml_proxygml import ProxyGMLLoss
+from tests.golden import CASES, loss_for_case, tensor
+
+CUB_CASE = next(case for case in CASES if int(case["N"]) == 12)
+
+
+def cub_batch(dtype=torch.float32):
+    return tensor(CUB_CASE, "embeddings_raw", dtype), torch.as_tensor(CUB_CASE["labels"])
+
+
+def test_float64_everywhere_after_double():
+    loss_fn = loss_for_case(CUB_CASE, torch.float32).double()
+    embeddings = tensor(CUB_CASE, "embeddings_raw").requires_grad_()
+    loss = loss_fn(embeddings, torch.as_tensor(CUB_CASE["labels"]))
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(
+        loss, torch.tensor(float(CUB_CASE["loss_total"]), dtype=torch.float64)
+    )
+
+
+def test_float32_embeddings_with_float64_proxies_compute_in_float64():
+    loss_fn = loss_for_case(CUB_CASE, torch.float64, reducer=DoNothingReducer())
+    embeddings, labels = cub_batch(torch.float32)
+    sub_losses = loss_fn(embeddings, labels)
+    per_sample = sub_losses["loss"]["losses"]
+    assert per_sample.dtype == torch.float64
+    assert sub_losses["proxy_reg_loss"]["losses"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    loss_fn = loss_for_case(CUB_CASE, torch.float32)
+    embeddings, labels = cub_batch(torch.float32)
+    reference = loss_fn(embeddings, labels).item()
+    low = embeddings.to(dtype).requires_grad_()
+    loss = loss_fn(low, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert loss_fn.proxies.dtype == torch.float32 and loss_fn.proxies.grad.dtype == torch.float32
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad).all()
+    assert torch.isfinite(loss) and abs(loss.item() - reference) < 1e-2
+
+
+def test_cpu_autocast_does_not_lower_the_loss_precision():
+    loss_fn = loss_for_case(CUB_CASE, torch.float32)
+    embeddings, labels = cub_batch(torch.float32)
+    head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[1])
+    reference = loss_fn(head(embeddings), labels).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projected = head(embeddings)
+        assert projected.dtype == torch.bfloat16
+        loss = loss_fn(projected, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss_fn.proxies.dtype == torch.float32
+    assert abs(loss.item() - reference) < 1e-2
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts ops that force a device-to-host synchronisation on CUDA."""
+
+    SYNCING = frozenset(
+        {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name.startswith("aten.index") and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool
+            for index in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else [])
+        )
+        if name in self.SYNCING or boolean_index:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("check_inputs", "expected_syncs"), [(True, 1), (False, 0)])
+def test_host_syncs_in_a_training_step(check_inputs, expected_syncs):
+    loss_fn = loss_for_case(CUB_CASE, torch.float32, check_inputs=check_inputs)
+    embeddings, labels = cub_batch()
+    embeddings.requires_grad_()
+    with HostSyncCounter() as counter:
+        loss_fn(embeddings, labels).backward()
+    assert len(counter.syncs) == expected_syncs, counter.syncs
+
+
+def test_host_sync_counter_sees_item():
+    with HostSyncCounter() as counter:
+        torch.ones(3).sum().item()
+    assert counter.syncs == ["aten._local_scalar_dense.default"]
+
+
+def test_every_tensor_follows_the_inputs_device():
+    """On the meta device, a tensor created without following the inputs breaks the step."""
+    with torch.device("meta"):
+        loss_fn = ProxyGMLLoss(100, 64, proxies_per_class=12, check_inputs=False)
+        embeddings = torch.randn(32, 64, requires_grad=True)
+        labels = torch.randint(0, 100, (32,))
+        loss = loss_fn(embeddings, labels)
+        loss.backward()
+        logits = loss_fn.get_logits(embeddings)
+    assert loss.device.type == "meta" and embeddings.grad.device.type == "meta"
+    assert logits.shape == (32, 100)
+
+
+def test_proxies_are_never_cast_in_place():
+    loss_fn = ProxyGMLLoss(20, 8, proxies_per_class=2, r=0.2)
+    parameter = loss_fn.proxies
+    loss_fn(torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+    assert loss_fn.proxies is parameter and parameter.dtype == torch.float32
