@@ -13,6 +13,7 @@ the B * k kept entries, and the regulariser goes through per-class proxy sums.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,12 @@ from torch.utils.checkpoint import checkpoint
 # The official code's epsilons: 1e-8 in the softmax denominator, 1e-20 inside the log.
 SOFTMAX_DENOMINATOR_EPS = 1e-8
 LOG_EPS = 1e-20
+
+# F.normalize's lower clamp of norms.
+NORM_EPS = 1e-12
+
+# Bytes of one (B, block) similarity block while selecting; more proxies are streamed.
+DEFAULT_SELECTION_BLOCK_BYTES = 16 << 20
 
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
 DEFAULT_REGULARIZER_BLOCK_ELEMENTS = 1 << 24
@@ -46,30 +53,164 @@ def positive_proxy_indices(labels: torch.Tensor, proxies_per_class: int) -> torc
     return labels.unsqueeze(1) * proxies_per_class + offsets
 
 
+def proxy_norms(proxies: torch.Tensor) -> torch.Tensor:
+    """(CN,) L2 norms clamped below at 1e-12, as ``F.normalize`` divides by them."""
+    return torch.linalg.vector_norm(proxies, dim=1).clamp_min(NORM_EPS)
+
+
+def selection_block_rows(batch_size: int, element_size: int, block_bytes: int) -> int:
+    """Proxies per block so that one (B, block) similarity block fits in ``block_bytes``."""
+    return max(1, block_bytes // (batch_size * element_size))
+
+
+def _merge_running_topk(
+    best_values: torch.Tensor,
+    best_indices: torch.Tensor,
+    block: torch.Tensor,
+    block_start: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``best_values.shape[1]`` of the running best and a new block of columns."""
+    num_best = best_values.shape[1]
+    values, positions = torch.cat([best_values, block], dim=1).topk(num_best, dim=1, sorted=False)
+    from_running = positions < num_best
+    previous = best_indices.gather(1, positions.clamp(max=num_best - 1))
+    indices = torch.where(from_running, previous, positions - num_best + block_start)
+    return values, indices
+
+
 @torch.no_grad()
 def select_topk(
-    similarities: torch.Tensor,
-    labels: torch.Tensor,
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    labels: torch.Tensor | None,
     proxies_per_class: int,
     k: int,
-) -> torch.Tensor:
-    """Indices (B, k) of the proxies kept per sample, positives ranked first.
+    block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k proxies kept per sample, positives first, and their cosine similarities.
 
-    Equivalent to the official ``topk(S + 1000 * positive_mask, k)`` without relying on
-    |S| <= 1: if k >= N every positive proxy is kept plus the k - N most similar negative
-    ones; if k < N only the k most similar positives are kept (and no negatives at all).
-    The order of the returned indices is not meaningful. No gradient flows through it.
+    Equivalent to the official ``topk(S + 1000 * positive_mask, k)`` with S the similarity to
+    the normalised proxies, without relying on |S| <= 1: if k >= N every positive proxy is
+    kept plus the k - N most similar negative ones; if k < N only the k most similar
+    positives are kept (and no negatives at all). With ``labels=None`` it is a plain top-k.
+
+    S is streamed over blocks of proxies with a running top-k, so the extra memory is
+    O(B * (k + block)) whatever CN; the proxies are never copied in normalised form.
+    No gradient flows through it (see ``kept_similarities``).
+
+    Args:
+        embeddings: (B, d) embeddings (normalised or not, as the distance says).
+        proxies: (CN, d) raw proxies, class-major.
+        labels: (B,) classes in [0, C), or None.
+        proxies_per_class: N.
+        k: proxies kept per sample, 1 <= k <= CN.
+        block_bytes: memory budget of one (B, block) block of similarities.
+
+    Returns:
+        ``(indices, similarities)``, each (B, k), in no meaningful order.
     """
-    positives = positive_proxy_indices(labels, proxies_per_class)
-    if k < proxies_per_class:
-        best = similarities.gather(1, positives).topk(k, dim=1, sorted=False).indices
-        return positives.gather(1, best)
-    num_negatives = k - proxies_per_class
-    if num_negatives == 0:
-        return positives
-    negatives_only = similarities.scatter(1, positives, float("-inf"))
-    negatives = negatives_only.topk(num_negatives, dim=1, sorted=False).indices
-    return torch.cat([positives, negatives], dim=1)
+    batch_size, num_proxies = embeddings.shape[0], proxies.shape[0]
+    inverse_norms = proxy_norms(proxies).reciprocal()
+    if labels is None:
+        kept_positives = embeddings.new_empty(batch_size, 0, dtype=torch.long)
+    else:
+        kept_positives = positive_proxy_indices(labels, proxies_per_class)
+    positive_values = torch.einsum("bd,bnd->bn", embeddings, proxies[kept_positives])
+    positive_values *= inverse_norms[kept_positives]
+    if k <= kept_positives.shape[1]:
+        values, best = positive_values.topk(k, dim=1, sorted=False)
+        return kept_positives.gather(1, best), values
+
+    num_negatives = k - kept_positives.shape[1]
+    best_values = embeddings.new_full((batch_size, num_negatives), float("-inf"))
+    best_indices = torch.zeros_like(best_values, dtype=torch.long)
+    rows = selection_block_rows(batch_size, embeddings.element_size(), block_bytes)
+    for start in range(0, num_proxies, rows):
+        stop = min(start + rows, num_proxies)
+        block = embeddings @ proxies[start:stop].T
+        block *= inverse_norms[start:stop]
+        if labels is not None:
+            block_classes = torch.arange(start, stop, device=labels.device) // proxies_per_class
+            block.masked_fill_(block_classes == labels.unsqueeze(1), float("-inf"))
+        best_values, best_indices = _merge_running_topk(best_values, best_indices, block, start)
+    indices = torch.cat([kept_positives, best_indices], dim=1)
+    return indices, torch.cat([positive_values, best_values], dim=1)
+
+
+def _csr_matmul(
+    row_starts: torch.Tensor,
+    columns: torch.Tensor,
+    values: torch.Tensor,
+    num_columns: int,
+    dense: torch.Tensor,
+) -> torch.Tensor:
+    """``csr @ dense`` for a CSR matrix given by its parts (rows = len(row_starts) - 1)."""
+    size = (len(row_starts) - 1, num_columns)
+    with warnings.catch_warnings():
+        # torch says CSR is "beta" on every first use; the product itself is stable.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        matrix = torch.sparse_csr_tensor(
+            row_starts, columns, values, size=size, device=values.device, check_invariants=False
+        )
+    return torch.sparse.mm(matrix, dense)
+
+
+class _KeptSimilarities(torch.autograd.Function):
+    """Similarities of the kept proxies, with a backward that touches only B * k entries.
+
+    With p_hat_j = p_j / |p_j| and g the incoming (B, k) gradient:
+    dL/dx_i = sum_m g_im p_hat_j(m), a CSR (B x CN) product with the proxies, and
+    dL/dp_j = (A_j - c_j p_hat_j) / |p_j| with A = g^T x (a CSR (CN x B) product) and
+    c_j = sum_i g_ij S_ij: the gradient through the normalisation without any dense
+    (B, CN) tensor or a backward pass of ``F.normalize`` over all proxies.
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings, proxies, indices, similarities):
+        ctx.save_for_backward(embeddings, proxies, indices, similarities)
+        return similarities.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        embeddings, proxies, indices, similarities = ctx.saved_tensors
+        (batch_size, k), num_proxies = indices.shape, proxies.shape[0]
+        norms = proxy_norms(proxies)
+        flat_indices = indices.reshape(-1)
+        grad_embeddings = grad_proxies = None
+        if ctx.needs_input_grad[0]:
+            scaled = (grad / norms[indices]).reshape(-1)
+            row_starts = torch.arange(0, batch_size * k + 1, k, device=grad.device)
+            grad_embeddings = _csr_matmul(row_starts, flat_indices, scaled, num_proxies, proxies)
+        if ctx.needs_input_grad[1]:
+            order = flat_indices.argsort(stable=True)
+            sorted_proxies = flat_indices[order]
+            boundaries = torch.arange(num_proxies + 1, device=grad.device)
+            proxy_starts = torch.searchsorted(sorted_proxies, boundaries)
+            samples = order // k
+            toward_samples = _csr_matmul(
+                proxy_starts, samples, grad.reshape(-1)[order], batch_size, embeddings
+            )
+            radial = torch.zeros_like(norms).index_add_(
+                0, flat_indices, (grad * similarities).reshape(-1)
+            )
+            # F.normalize's clamp: below NORM_EPS the map is p / eps, with no radial term.
+            radial = torch.where(norms > NORM_EPS, radial / norms, 0)
+            grad_proxies = (toward_samples - radial.unsqueeze(1) * proxies) / norms.unsqueeze(1)
+        return grad_embeddings, grad_proxies, None, None
+
+
+def kept_similarities(
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    indices: torch.Tensor,
+    similarities: torch.Tensor,
+) -> torch.Tensor:
+    """Differentiable (B, k) similarities of the kept proxies (values from ``select_topk``).
+
+    Gradients flow to ``embeddings`` and to the raw ``proxies`` (through their
+    normalisation) only through the B * k kept entries.
+    """
+    return _KeptSimilarities.apply(embeddings, proxies, indices, similarities)
 
 
 def class_logits(

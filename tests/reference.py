@@ -36,13 +36,13 @@ def dense_official_loss(
     prob = exp / (1e-8 + exp.sum(dim=1, keepdim=True))
     target = F.one_hot(labels, num_classes).to(dtype)
     loss_cls = torch.mean(torch.sum(-target * torch.log(prob + 1e-20), dim=1))
-    center_logits = (centers @ centers.T) @ proxy_one_hot
-    loss_reg = F.cross_entropy(center_logits, proxy_classes)
-    total = loss_cls + weight_lambda * loss_reg if weight_lambda > 0 else loss_cls
+    total = loss_cls
+    if weight_lambda > 0:  # as the official code, which skips the (CN, CN) work otherwise
+        center_logits = (centers @ centers.T) @ proxy_one_hot
+        total = loss_cls + weight_lambda * F.cross_entropy(center_logits, proxy_classes)
     return {
         "loss_total": total,
         "loss_cls": loss_cls,
-        "loss_reg": loss_reg,
         "logits": logits,
         "logits_mask": mask,
         "prob": prob,

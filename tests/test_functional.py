@@ -40,13 +40,20 @@ def test_select_topk_positives_first():
         ]
     )
     labels = torch.tensor([1, 2])
-    kept = gml.select_topk(similarities, labels, proxies_per_class=2, k=3)
-    # Both positives even though they are the least similar, then the best negative.
-    assert kept.sort(dim=1).values.tolist() == [[0, 2, 3], [0, 4, 5]]
-    kept = gml.select_topk(similarities, labels, proxies_per_class=2, k=1)  # k < N
-    assert kept.tolist() == [[2], [4]]
-    kept = gml.select_topk(similarities, labels, proxies_per_class=2, k=6)  # k = CN
-    assert kept.sort(dim=1).values.tolist() == [list(range(6))] * 2
+    proxies = torch.eye(6) * 3  # unit after normalisation: S = embeddings
+    for block_bytes in (4, 8 * 4, 10**6):  # 1, 4 and all 6 proxies per block
+
+        def kept(k, labels=labels, block_bytes=block_bytes):
+            indices, values = gml.select_topk(similarities, proxies, labels, 2, k, block_bytes)
+            torch.testing.assert_close(values, similarities.gather(1, indices))
+            return indices.sort(dim=1).values.tolist()
+
+        # Both positives even though they are the least similar, then the best negative.
+        assert kept(3) == [[0, 2, 3], [0, 4, 5]]
+        assert kept(1) == [[2], [4]]  # k < N: the best positive only
+        assert kept(2) == [[2, 3], [4, 5]]  # k = N: exactly the positives
+        assert kept(6) == [list(range(6))] * 2  # k = CN
+        assert kept(3, labels=None) == [[0, 1, 4]] * 2  # no labels: a plain top-k
 
 
 def test_class_logits_segment_sums():
@@ -123,12 +130,24 @@ def random_case(C, N, r, lam, B, same_label=False, dim=16, seed=0):
     return proxies, embeddings, labels
 
 
+# One-shot selection, and blocks of 7 proxies (7 divides no C * N above) per row of 8 bytes.
+BLOCK_BYTES = {"one_shot": gml.DEFAULT_SELECTION_BLOCK_BYTES, "streamed": 7 * 8}
+
+
+@pytest.mark.parametrize("block", list(BLOCK_BYTES))
 @pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
-def test_loss_matches_dense_reference(name):
+def test_loss_matches_dense_reference(name, block):
     config = REFERENCE_CONFIGS[name]
     proxies, embeddings, labels = random_case(**config)
     C, N = config["C"], config["N"]
-    loss_fn = ProxyGMLLoss(C, 16, proxies_per_class=N, r=config["r"], weight_lambda=config["lam"])
+    loss_fn = ProxyGMLLoss(
+        C,
+        16,
+        proxies_per_class=N,
+        r=config["r"],
+        weight_lambda=config["lam"],
+        selection_block_bytes=BLOCK_BYTES[block] * config["B"],
+    )
     loss_fn = loss_fn.double()
     with torch.no_grad():
         loss_fn.proxies.copy_(proxies)
@@ -147,8 +166,14 @@ def test_loss_matches_dense_reference(name):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(loss_fn.proxies.grad, proxies_ref.grad, rtol=1e-8, atol=1e-12)
 
-    similarities = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T
-    kept = gml.select_topk(similarities, labels, N, loss_fn.top_k)
+    kept, _ = gml.select_topk(
+        F.normalize(embeddings, dim=1),
+        proxies,
+        labels,
+        N,
+        loss_fn.top_k,
+        loss_fn.selection_block_bytes,
+    )
     assert torch.equal(kept.sort(dim=1).values, reference["topk_indices"])
 
 
@@ -160,3 +185,68 @@ def test_proxy_regularizer_equals_dense_cross_entropy():
     for block_elements in (1, 5, 36, 10**6):
         actual = gml.proxy_regularizer(proxies, 4, block_elements)
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_streamed_selection_equals_one_shot(labelled):
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(9, 12, generator=generator, dtype=torch.float64)
+    proxies = torch.randn(50 * 3, 12, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 50, (9,), generator=generator) if labelled else None
+    expected, expected_values = gml.select_topk(embeddings, proxies, labels, 3, 20)
+    order = expected.argsort(dim=1)
+    for rows in (1, 4, 13, 149, 150):  # 13 does not divide 150; 149 leaves a block of 1
+        indices, values = gml.select_topk(embeddings, proxies, labels, 3, 20, rows * 9 * 8)
+        indices_order = indices.argsort(dim=1)
+        assert torch.equal(indices.gather(1, indices_order), expected.gather(1, order))
+        torch.testing.assert_close(
+            values.gather(1, indices_order), expected_values.gather(1, order)
+        )
+
+
+def test_selection_with_ties():
+    """Tied similarities: still k distinct proxies, positives first, the k largest values."""
+    base = torch.randn(6, 8, dtype=torch.float64)
+    proxies = base.repeat_interleave(4, dim=0)  # 6 classes x 4 identical proxies: 4-way ties
+    embeddings = torch.randn(5, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 5])
+    similarities = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T
+    negatives = similarities.scatter(1, gml.positive_proxy_indices(labels, 4), float("-inf"))
+    for rows in (3, 24):
+        indices, values = gml.select_topk(
+            F.normalize(embeddings, dim=1), proxies, labels, 4, 10, rows * 5 * 8
+        )
+        assert all(len(set(row)) == 10 for row in indices.tolist())
+        assert torch.equal(indices[:, :4] // 4, labels.unsqueeze(1).expand(-1, 4))
+        best_negatives = negatives.topk(6, dim=1).values
+        torch.testing.assert_close(
+            values[:, 4:].sort(dim=1).values, best_negatives.sort(dim=1).values
+        )
+
+
+@pytest.mark.parametrize("with_zero_proxy", [False, True])
+def test_sparse_backward_passes_gradcheck(with_zero_proxy):
+    generator = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    proxies = torch.randn(15, 6, generator=generator, dtype=torch.float64)
+    if with_zero_proxy:
+        proxies[7] = 0  # below F.normalize's clamp, the map is linear: p / 1e-12
+    indices, _ = gml.select_topk(embeddings, proxies, torch.tensor([0, 1, 2, 4]), 3, 7)
+    if with_zero_proxy:
+        indices[:, -1] = 7
+    embeddings.requires_grad_()
+    proxies.requires_grad_()
+
+    def kept(x, p):
+        # As in the loss: forward values come from the (re-run) selection, without gradient.
+        values = (F.normalize(p, dim=1)[indices] * x.unsqueeze(1)).sum(-1).detach()
+        return gml.kept_similarities(x, p, indices, values)
+
+    if with_zero_proxy:  # gradcheck's finite differences cannot step over the clamp's kink
+        expected = torch.autograd.grad((kept(embeddings, proxies) ** 2).sum(), proxies)[0][7]
+        reference = (F.normalize(proxies, dim=1)[indices] * embeddings.unsqueeze(1)).sum(-1)
+        torch.testing.assert_close(
+            expected, torch.autograd.grad((reference**2).sum(), proxies)[0][7]
+        )
+    else:
+        assert torch.autograd.gradcheck(kept, (embeddings, proxies))

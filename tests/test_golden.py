@@ -74,15 +74,13 @@ def test_selection_logits_and_probabilities(case, dtype):
     num_classes, proxies_per_class = int(case["C"]), int(case["N"])
     k = gml.num_selected(float(case["r"]), num_classes, proxies_per_class)
     assert k == int(case["k"])
-    proxies = F.normalize(tensor(case, "proxies", dtype).T, dim=1)
-    similarities = tensor(case, "embeddings", dtype) @ proxies.T
+    proxies = tensor(case, "proxies", dtype).T
+    embeddings = tensor(case, "embeddings", dtype)
 
-    kept = gml.select_topk(similarities, labels, proxies_per_class, k)
+    kept, values = gml.select_topk(embeddings, proxies, labels, proxies_per_class, k)
     assert torch.equal(kept.sort(dim=1).values, torch.as_tensor(case["topk_indices"]))
 
-    logits, classes, present = gml.class_logits(
-        similarities.gather(1, kept), kept // proxies_per_class
-    )
+    logits, classes, present = gml.class_logits(values, kept // proxies_per_class)
     mask = present & (logits != 0)
     probabilities = gml.masked_softmax(logits, mask)
     dense = torch.zeros(len(labels), num_classes + 1, dtype=dtype)  # column C collects empty slots

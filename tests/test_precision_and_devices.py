@@ -6,6 +6,7 @@ from pytorch_metric_learning.reducers import DoNothingReducer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pml_proxygml import ProxyGMLLoss
+from pml_proxygml import functional as gml
 from tests.golden import CASES, loss_for_case, tensor
 
 CUB_CASE = next(case for case in CASES if int(case["N"]) == 12)
@@ -100,17 +101,44 @@ def test_host_sync_counter_sees_item():
     assert counter.syncs == ["aten._local_scalar_dense.default"]
 
 
-def test_every_tensor_follows_the_inputs_device():
-    """On the meta device, a tensor created without following the inputs breaks the step."""
+def test_forward_runs_on_the_meta_device():
+    """Every tensor of the forward follows the inputs' device (meta has no data at all)."""
     with torch.device("meta"):
         loss_fn = ProxyGMLLoss(100, 64, proxies_per_class=12, check_inputs=False)
         embeddings = torch.randn(32, 64, requires_grad=True)
         labels = torch.randint(0, 100, (32,))
         loss = loss_fn(embeddings, labels)
-        loss.backward()
         logits = loss_fn.get_logits(embeddings)
-    assert loss.device.type == "meta" and embeddings.grad.device.type == "meta"
-    assert logits.shape == (32, 100)
+    assert loss.device.type == "meta" and logits.shape == (32, 100)
+
+
+@pytest.mark.parametrize("weight_lambda", [0.0, 0.3])
+def test_a_step_creates_no_tensor_on_the_default_device(weight_lambda):
+    """CPU inputs, default device meta: a tensor made without ``device=`` breaks the step.
+
+    (The sparse backward uses CSR products, which the meta device does not implement.)
+    """
+    loss_fn = ProxyGMLLoss(100, 64, proxies_per_class=12, weight_lambda=weight_lambda)
+    embeddings = torch.randn(32, 64, requires_grad=True)
+    labels = torch.randint(0, 100, (32,))
+    with torch.device("meta"):
+        loss_fn(embeddings, labels).backward()
+        loss_fn.get_logits(embeddings)
+    assert embeddings.grad.device.type == "cpu" and torch.isfinite(loss_fn.proxies.grad).all()
+
+
+def test_sparse_backward_creates_no_tensor_on_the_default_device():
+    """Autograd runs backward outside the caller's device context, so call it directly."""
+    embeddings, proxies = torch.randn(8, 16), torch.randn(40, 16)
+    indices, values = gml.select_topk(embeddings, proxies, torch.arange(8), 4, 10)
+
+    class SavedContext:
+        saved_tensors = (embeddings, proxies, indices, values)
+        needs_input_grad = (True, True, False, False)
+
+    with torch.device("meta"):
+        grads = gml._KeptSimilarities.backward(SavedContext, torch.ones_like(values))
+    assert [grad.device.type for grad in grads[:2]] == ["cpu", "cpu"]
 
 
 def test_proxies_are_never_cast_in_place():

@@ -61,6 +61,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
         regularizer_block_elements: memory budget (in logits) of one block of the
             regulariser; larger problems are processed block by block.
+        selection_block_bytes: memory budget of one (batch, block) block of similarities
+            during selection; more proxies are streamed block by block with a running top-k.
         check_inputs: check label range and finiteness of the embeddings every step
             (shapes and dtypes are always checked). The check costs one host
             synchronisation; turn it off in a tuned GPU loop.
@@ -83,6 +85,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: int | None = None,
         weight_lambda: float = 0.3,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
+        selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
         check_inputs: bool = True,
         **kwargs,
     ):
@@ -92,6 +95,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if top_k is not None:
             _check_positive_int("top_k", top_k)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
+        _check_positive_int("selection_block_bytes", selection_block_bytes)
         if not isinstance(r, numbers.Real) or not 0 < r <= 1:
             raise ValueError(f"r must be in (0, 1], got {r!r}")
         if not isinstance(weight_lambda, numbers.Real) or not weight_lambda >= 0:
@@ -104,6 +108,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.r = float(r)
         self.weight_lambda = float(weight_lambda)
         self.regularizer_block_elements = int(regularizer_block_elements)
+        self.selection_block_bytes = int(selection_block_bytes)
         self.check_inputs = bool(check_inputs)
         self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
         self.proxies = torch.nn.Parameter(
@@ -165,11 +170,13 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._validate(embeddings, labels)
         with _full_precision(embeddings.device):
-            x, proxies = self._normalized_inputs(embeddings)
-            similarities = self.distance.compute_mat(x, proxies)
-            kept = gml.select_topk(similarities, labels, self.proxies_per_class, self.top_k)
+            x, proxies = self._inputs_in_compute_dtype(embeddings)
+            indices, values = gml.select_topk(
+                x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
+            )
             logits, classes, present = gml.class_logits(
-                similarities.gather(1, kept), kept // self.proxies_per_class
+                gml.kept_similarities(x, proxies, indices, values),
+                indices // self.proxies_per_class,
             )
             probabilities = gml.masked_softmax(logits, present & (logits != 0))
             per_sample = gml.classification_loss(probabilities, classes == labels.unsqueeze(1))
@@ -189,11 +196,13 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict
 
-    def _proxy_regularization(self, normalized_proxies: torch.Tensor) -> dict:
+    def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
             return self.zero_loss()
         reg = gml.proxy_regularizer(
-            normalized_proxies, self.proxies_per_class, self.regularizer_block_elements
+            F.normalize(proxies, p=2, dim=1),
+            self.proxies_per_class,
+            self.regularizer_block_elements,
         )
         if self.collect_stats:
             self.proxy_reg_value = reg.item()
@@ -203,20 +212,24 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             "reduction_type": "already_reduced",
         }
 
-    def _normalized_inputs(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (normalised if the distance says so) and unit proxies, in one dtype.
+    def _inputs_in_compute_dtype(
+        self, embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (normalised if the distance says so) and raw proxies, in one dtype.
 
         The compute dtype is the promotion of both (at least float32): float64 embeddings
         or ``.double()`` proxies give float64 throughout. The parameter itself is never cast.
+        The proxies are normalised inside the selection and its backward, never copied.
         """
         dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
         embeddings = embeddings.to(dtype)
         proxies = self.proxies.to(device=embeddings.device, dtype=dtype)
         x = self.distance.maybe_normalize(embeddings)
-        unit_proxies = F.normalize(proxies, p=2, dim=1)
         self.distance.reset_stats()
-        self.distance.set_default_stats(embeddings, proxies, x, unit_proxies)
-        return x, unit_proxies
+        if self.distance.collect_stats:
+            unit_proxies = F.normalize(proxies.detach(), p=2, dim=1)
+            self.distance.set_default_stats(embeddings, proxies, x, unit_proxies)
+        return x, proxies
 
     def _validate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """ValueErrors that name the bad argument; one host sync for the value checks."""
@@ -253,13 +266,13 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         result is ProxyGML's class distribution for the sample.
         """
         with _full_precision(embeddings.device):
-            x, proxies = self._normalized_inputs(embeddings)
-            similarities = self.distance.compute_mat(x, proxies)
-            kept = similarities.topk(self.top_k, dim=1).indices
-            kept_classes = kept // self.proxies_per_class
-            scores = torch.zeros(
-                len(x), self.num_classes, dtype=x.dtype, device=x.device
-            ).scatter_add(1, kept_classes, similarities.gather(1, kept))
+            x, proxies = self._inputs_in_compute_dtype(embeddings)
+            indices, values = gml.select_topk(
+                x, proxies, None, self.proxies_per_class, self.top_k, self.selection_block_bytes
+            )
+            kept_classes = indices // self.proxies_per_class
+            scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
+            scores.scatter_add_(1, kept_classes, values)
             selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_classes, True)
             return scores.masked_fill(~selected, float("-inf"))
 
