@@ -275,8 +275,9 @@ def proxy_regularizer(
     normalized_proxies: torch.Tensor,
     proxies_per_class: int,
     block_elements: int = DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The proxy regulariser L^p: mean over all CN proxies of a C-way cross-entropy.
+    """The proxy regulariser L^p: mean over the CN proxies of a C-way cross-entropy.
 
     Proxy j's logit for class c is the sum of its cosines to every proxy of c (itself
     included), i.e. ``p_j . U_c`` with ``U_c`` the sum of class c's proxies, so the cost is
@@ -287,22 +288,27 @@ def proxy_regularizer(
         normalized_proxies: (CN, d) unit-norm proxies, class-major.
         proxies_per_class: N.
         block_elements: memory budget of one block of logits, in elements.
+        rows: average over these proxies only (e.g. a uniform sample, which gives an
+            unbiased estimate of L^p and of its gradient at cost O(len(rows) * C * d));
+            all CN proxies, the exact L^p, when None.
     """
     total, dim = normalized_proxies.shape
     num_classes = total // proxies_per_class
     class_sums = normalized_proxies.view(num_classes, proxies_per_class, dim).sum(dim=1)
-    proxy_classes = torch.arange(total, device=normalized_proxies.device) // proxies_per_class
+    if rows is None:
+        rows = torch.arange(total, device=normalized_proxies.device)
+    anchors, anchor_classes = normalized_proxies[rows], rows // proxies_per_class
     rows_per_block = max(1, block_elements // num_classes)
-    if rows_per_block >= total:
-        return _regularizer_block_sum(normalized_proxies, class_sums, proxy_classes) / total
+    if rows_per_block >= len(rows):
+        return _regularizer_block_sum(anchors, class_sums, anchor_classes) / len(rows)
     block_sums = [
         checkpoint(
             _regularizer_block_sum,
-            normalized_proxies[start : start + rows_per_block],
+            anchors[start : start + rows_per_block],
             class_sums,
-            proxy_classes[start : start + rows_per_block],
+            anchor_classes[start : start + rows_per_block],
             use_reentrant=False,
         )
-        for start in range(0, total, rows_per_block)
+        for start in range(0, len(rows), rows_per_block)
     ]
-    return torch.stack(block_sums).sum() / total
+    return torch.stack(block_sums).sum() / len(rows)

@@ -19,6 +19,8 @@ from pml_proxygml import ProxyGMLLoss
         (dict(top_k=0), "top_k must be a positive integer, got 0"),
         (dict(top_k=True), "top_k must be a positive integer, got True"),
         (dict(weight_lambda=-0.1), "weight_lambda must be >= 0, got -0.1"),
+        (dict(regularizer_samples=0), "regularizer_samples must be a positive integer, got 0"),
+        (dict(selection_block_bytes=0), "selection_block_bytes must be a positive integer, got 0"),
         (dict(distance=None), None),
     ],
 )

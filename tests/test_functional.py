@@ -250,3 +250,15 @@ def test_sparse_backward_passes_gradcheck(with_zero_proxy):
         )
     else:
         assert torch.autograd.gradcheck(kept, (embeddings, proxies))
+
+
+def test_sampled_regularizer_is_the_mean_over_the_sampled_rows():
+    proxies = F.normalize(torch.randn(10 * 3, 6, dtype=torch.float64), dim=1)
+    classes = torch.arange(30) // 3
+    per_proxy = F.cross_entropy(
+        proxies @ proxies.view(10, 3, 6).sum(1).T, classes, reduction="none"
+    )
+    rows = torch.tensor([4, 17, 29, 0])
+    for block_elements in (10, 10**6):
+        sampled = gml.proxy_regularizer(proxies, 3, block_elements, rows)
+        torch.testing.assert_close(sampled, per_proxy[rows].mean(), rtol=1e-12, atol=0)

@@ -136,6 +136,18 @@ def test_do_nothing_and_multiple_reducers(batch):
     torch.testing.assert_close(make_loss(reducer=custom)(*batch), per_sample.sum() + reg)
 
 
+def test_sampled_regularizer_is_unbiased(batch):
+    exact = sub_losses(*batch)[1]
+    torch.manual_seed(0)
+    loss_fn = make_loss(reducer=reducers.DoNothingReducer(), regularizer_samples=5)
+    samples = torch.stack([loss_fn(*batch)["proxy_reg_loss"]["losses"] for _ in range(400)])
+    standard_error = samples.std() / len(samples) ** 0.5
+    assert samples.std() > 0  # it does sample
+    assert abs(samples.mean() - exact) < 4 * standard_error
+    all_rows = make_loss(reducer=reducers.DoNothingReducer(), regularizer_samples=10**6)
+    torch.testing.assert_close(all_rows(*batch)["proxy_reg_loss"]["losses"], exact)
+
+
 def test_lambda_zero_reports_a_zero_regularizer(batch):
     per_sample, reg = sub_losses(*batch, weight_lambda=0.0)
     assert reg == 0

@@ -59,6 +59,9 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: k itself; overrides ``r`` when given (capped at C * N).
         weight_lambda: weight of the proxy regulariser (official: 0.3 on CUB and Cars,
             0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
+        regularizer_samples: approximate the regulariser by its mean over this many proxies
+            drawn uniformly each step (an unbiased estimate, cost O(samples * C * d) instead
+            of O(C * N * C * d)); None (default) computes it exactly over all proxies.
         regularizer_block_elements: memory budget (in logits) of one block of the
             regulariser; larger problems are processed block by block.
         selection_block_bytes: memory budget of one (batch, block) block of similarities
@@ -84,6 +87,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         r: float = 0.05,
         top_k: int | None = None,
         weight_lambda: float = 0.3,
+        regularizer_samples: int | None = None,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
         selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
         check_inputs: bool = True,
@@ -94,6 +98,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         _check_positive_int("proxies_per_class", proxies_per_class)
         if top_k is not None:
             _check_positive_int("top_k", top_k)
+        if regularizer_samples is not None:
+            _check_positive_int("regularizer_samples", regularizer_samples)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
         _check_positive_int("selection_block_bytes", selection_block_bytes)
         if not isinstance(r, numbers.Real) or not 0 < r <= 1:
@@ -107,6 +113,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.proxies_per_class = int(proxies_per_class)
         self.r = float(r)
         self.weight_lambda = float(weight_lambda)
+        self.regularizer_samples = regularizer_samples
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
         self.check_inputs = bool(check_inputs)
@@ -148,14 +155,17 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "more classes with 12 proxies each).",
                 stacklevel=3,
             )
-        total = self.num_classes * self.proxies_per_class
-        flops = total * self.num_classes * self.embedding_size
+        anchors = self.num_classes * self.proxies_per_class
+        if self.regularizer_samples is not None:
+            anchors = min(anchors, self.regularizer_samples)
+        flops = anchors * self.num_classes * self.embedding_size
         if self.weight_lambda > 0 and flops > REGULARIZER_WARNING_FLOPS:
             warnings.warn(
                 f"ProxyGMLLoss: the proxy regulariser costs about {flops:.1e} multiply-adds "
-                f"per step (C * N * C * d with C={self.num_classes}, "
-                f"N={self.proxies_per_class}). The official recipe for many classes (SOP) "
-                "uses weight_lambda=0 and proxies_per_class=1.",
+                f"per step ({anchors} proxies x C={self.num_classes} classes x "
+                f"d={self.embedding_size}). The official recipe for many classes (SOP) "
+                "uses weight_lambda=0 and proxies_per_class=1; regularizer_samples "
+                "approximates the regulariser at a fraction of the cost.",
                 stacklevel=3,
             )
 
@@ -199,10 +209,14 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
             return self.zero_loss()
+        rows = None
+        if self.regularizer_samples is not None and self.regularizer_samples < len(proxies):
+            rows = torch.randperm(len(proxies), device=proxies.device)[: self.regularizer_samples]
         reg = gml.proxy_regularizer(
             F.normalize(proxies, p=2, dim=1),
             self.proxies_per_class,
             self.regularizer_block_elements,
+            rows,
         )
         if self.collect_stats:
             self.proxy_reg_value = reg.item()
