@@ -166,8 +166,9 @@ class _KeptSimilarities(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, proxies, indices, similarities):
+    def forward(ctx, embeddings, proxies, indices, similarities, sparse_proxy_grad):
         ctx.save_for_backward(embeddings, proxies, indices, similarities)
+        ctx.sparse_proxy_grad = sparse_proxy_grad
         return similarities.clone()
 
     @staticmethod
@@ -184,19 +185,39 @@ class _KeptSimilarities(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             order = flat_indices.argsort(stable=True)
             sorted_proxies = flat_indices[order]
-            boundaries = torch.arange(num_proxies + 1, device=grad.device)
-            proxy_starts = torch.searchsorted(sorted_proxies, boundaries)
-            samples = order // k
+            if ctx.sparse_proxy_grad:
+                # Only the touched rows; their number is data-dependent (a host sync on GPU).
+                rows, entry_rows, counts = torch.unique_consecutive(
+                    sorted_proxies, return_inverse=True, return_counts=True
+                )
+                row_starts = F.pad(counts.cumsum(0), (1, 0))
+                row_proxies, row_norms = proxies[rows], norms[rows]
+            else:
+                entry_rows = sorted_proxies
+                boundaries = torch.arange(num_proxies + 1, device=grad.device)
+                row_starts = torch.searchsorted(sorted_proxies, boundaries)
+                row_proxies, row_norms = proxies, norms
             toward_samples = _csr_matmul(
-                proxy_starts, samples, grad.reshape(-1)[order], batch_size, embeddings
+                row_starts, order // k, grad.reshape(-1)[order], batch_size, embeddings
             )
-            radial = torch.zeros_like(norms).index_add_(
-                0, flat_indices, (grad * similarities).reshape(-1)
+            radial = torch.zeros_like(row_norms).index_add_(
+                0, entry_rows, (grad * similarities).reshape(-1)[order]
             )
             # F.normalize's clamp: below NORM_EPS the map is p / eps, with no radial term.
-            radial = torch.where(norms > NORM_EPS, radial / norms, 0)
-            grad_proxies = (toward_samples - radial.unsqueeze(1) * proxies) / norms.unsqueeze(1)
-        return grad_embeddings, grad_proxies, None, None
+            radial = torch.where(row_norms > NORM_EPS, radial / row_norms, 0)
+            grad_rows = (toward_samples - radial.unsqueeze(1) * row_proxies) / row_norms.unsqueeze(
+                1
+            )
+            grad_proxies = grad_rows
+            if ctx.sparse_proxy_grad:
+                grad_proxies = torch.sparse_coo_tensor(
+                    rows.unsqueeze(0),
+                    grad_rows,
+                    proxies.shape,
+                    device=grad_rows.device,
+                    is_coalesced=True,
+                )
+        return grad_embeddings, grad_proxies, None, None, None
 
 
 def kept_similarities(
@@ -204,13 +225,16 @@ def kept_similarities(
     proxies: torch.Tensor,
     indices: torch.Tensor,
     similarities: torch.Tensor,
+    sparse_proxy_grad: bool = False,
 ) -> torch.Tensor:
     """Differentiable (B, k) similarities of the kept proxies (values from ``select_topk``).
 
     Gradients flow to ``embeddings`` and to the raw ``proxies`` (through their
-    normalisation) only through the B * k kept entries.
+    normalisation) only through the B * k kept entries. With ``sparse_proxy_grad`` the
+    proxies' gradient is a sparse COO tensor holding only the rows some sample kept
+    (for ``torch.optim.SparseAdam``); otherwise it is dense, zero in untouched rows.
     """
-    return _KeptSimilarities.apply(embeddings, proxies, indices, similarities)
+    return _KeptSimilarities.apply(embeddings, proxies, indices, similarities, sparse_proxy_grad)
 
 
 def class_logits(

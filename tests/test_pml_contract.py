@@ -148,6 +148,35 @@ def test_sampled_regularizer_is_unbiased(batch):
     torch.testing.assert_close(all_rows(*batch)["proxy_reg_loss"]["losses"], exact)
 
 
+def test_sparse_proxy_grad_for_sparse_adam(batch):
+    embeddings, labels = batch[0][:3], batch[1][:3]  # 3 samples keep 6 of the 24 proxies each
+    dense = make_loss(weight_lambda=0.0)
+    dense(embeddings, labels).backward()
+    sparse = make_loss(weight_lambda=0.0, sparse_proxy_grad=True)
+    sparse(embeddings, labels).backward()
+    grad = sparse.proxies.grad
+    assert grad.is_sparse
+    touched = grad.coalesce().indices()[0]
+    assert 0 < len(touched) < len(sparse.proxies)
+    torch.testing.assert_close(grad.to_dense(), dense.proxies.grad)
+
+    before = sparse.proxies.detach().clone()
+    torch.optim.SparseAdam(sparse.parameters(), lr=0.1).step()
+    moved = (sparse.proxies.detach() != before).any(dim=1)
+    assert torch.equal(moved.nonzero().flatten(), touched)
+
+
+def test_sparse_proxy_grad_refuses_dense_proxy_terms():
+    with pytest.raises(ValueError, match="sparse_proxy_grad=True needs weight_lambda=0"):
+        make_loss(sparse_proxy_grad=True)
+    with pytest.raises(ValueError, match="no weight_regularizer"):
+        make_loss(
+            weight_lambda=0.0,
+            sparse_proxy_grad=True,
+            weight_regularizer=regularizers.LpRegularizer(),
+        )
+
+
 def test_lambda_zero_reports_a_zero_regularizer(batch):
     per_sample, reg = sub_losses(*batch, weight_lambda=0.0)
     assert reg == 0

@@ -127,14 +127,17 @@ def test_a_step_creates_no_tensor_on_the_default_device(weight_lambda):
     assert embeddings.grad.device.type == "cpu" and torch.isfinite(loss_fn.proxies.grad).all()
 
 
-def test_sparse_backward_creates_no_tensor_on_the_default_device():
+@pytest.mark.parametrize("sparse_proxy_grad", [False, True])
+def test_sparse_backward_creates_no_tensor_on_the_default_device(sparse_proxy_grad):
     """Autograd runs backward outside the caller's device context, so call it directly."""
     embeddings, proxies = torch.randn(8, 16), torch.randn(40, 16)
     indices, values = gml.select_topk(embeddings, proxies, torch.arange(8), 4, 10)
 
     class SavedContext:
         saved_tensors = (embeddings, proxies, indices, values)
-        needs_input_grad = (True, True, False, False)
+        needs_input_grad = (True, True, False, False, False)
+
+    SavedContext.sparse_proxy_grad = sparse_proxy_grad
 
     with torch.device("meta"):
         grads = gml._KeptSimilarities.backward(SavedContext, torch.ones_like(values))

@@ -66,6 +66,10 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             regulariser; larger problems are processed block by block.
         selection_block_bytes: memory budget of one (batch, block) block of similarities
             during selection; more proxies are streamed block by block with a running top-k.
+        sparse_proxy_grad: give the proxies a sparse gradient holding only the rows some
+            sample kept, for ``torch.optim.SparseAdam``: optimizer work and gradient memory
+            then follow the B * k touched rows, not C * N. Needs ``weight_lambda=0`` and no
+            ``weight_regularizer`` (both touch every proxy).
         check_inputs: check label range and finiteness of the embeddings every step
             (shapes and dtypes are always checked). The check costs one host
             synchronisation; turn it off in a tuned GPU loop.
@@ -90,6 +94,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         regularizer_samples: int | None = None,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
         selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
+        sparse_proxy_grad: bool = False,
         check_inputs: bool = True,
         **kwargs,
     ):
@@ -108,6 +113,11 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             raise ValueError(f"weight_lambda must be >= 0, got {weight_lambda!r}")
         super().__init__(**kwargs)
         self._check_distance()
+        if sparse_proxy_grad and (weight_lambda > 0 or self.weight_regularizer is not None):
+            raise ValueError(
+                "sparse_proxy_grad=True needs weight_lambda=0 and no weight_regularizer, got "
+                f"weight_lambda={weight_lambda!r}, weight_regularizer={self.weight_regularizer!r}"
+            )
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.proxies_per_class = int(proxies_per_class)
@@ -116,6 +126,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.regularizer_samples = regularizer_samples
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
+        self.sparse_proxy_grad = bool(sparse_proxy_grad)
         self.check_inputs = bool(check_inputs)
         self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
         self.proxies = torch.nn.Parameter(
@@ -185,7 +196,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
             )
             logits, classes, present = gml.class_logits(
-                gml.kept_similarities(x, proxies, indices, values),
+                gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad),
                 indices // self.proxies_per_class,
             )
             probabilities = gml.masked_softmax(logits, present & (logits != 0))
