@@ -216,6 +216,7 @@ class _KeptSimilarities(torch.autograd.Function):
                     proxies.shape,
                     device=grad_rows.device,
                     is_coalesced=True,
+                    check_invariants=False,
                 )
         return grad_embeddings, grad_proxies, None, None, None
 
