@@ -1,0 +1,1 @@
+"""Benchmark datasets that build offline from package registries."""
