@@ -250,6 +250,10 @@ def test_get_logits_sums_the_k_most_similar_proxies(batch):
     kept = per_proxy >= kth_best.unsqueeze(2)
     expected = (per_proxy * kept).sum(dim=2).masked_fill(~kept.any(dim=2), float("-inf"))
     torch.testing.assert_close(logits, expected)
+    logits.masked_fill(logits.isinf(), 0).sum().backward()
+    assert loss_fn.proxies.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="embeddings must have shape"):
+        loss_fn.get_logits(embeddings[:, :5])
 
 
 def test_collect_stats(batch):

@@ -258,15 +258,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def _validate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """ValueErrors that name the bad argument; one host sync for the value checks."""
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings must have shape (batch_size, {self.embedding_size}), "
-                f"got {tuple(embeddings.shape)}"
-            )
-        if embeddings.shape[0] == 0:
-            raise ValueError("embeddings is an empty batch (batch_size 0)")
-        if not embeddings.is_floating_point():
-            raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+        self._validate_embedding_shape(embeddings)
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if not self.check_inputs:
@@ -283,21 +275,34 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         bad_rows = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten()
         raise ValueError(f"embeddings contain NaN or Inf in rows {bad_rows.tolist()[:10]}")
 
+    def _validate_embedding_shape(self, embeddings: torch.Tensor) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must have shape (batch_size, {self.embedding_size}), "
+                f"got {tuple(embeddings.shape)}"
+            )
+        if embeddings.shape[0] == 0:
+            raise ValueError("embeddings is an empty batch (batch_size 0)")
+        if not embeddings.is_floating_point():
+            raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
+
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) class scores of ProxyGML's sub-graph without labels.
 
         Each sample keeps its k most similar proxies; a class scores the sum of its kept
         similarities, and classes with no kept proxy score -inf, so ``softmax`` of the
-        result is ProxyGML's class distribution for the sample.
+        result is ProxyGML's class distribution for the sample. Differentiable.
         """
+        self._validate_embedding_shape(embeddings)
         with _full_precision(embeddings.device):
             x, proxies = self._inputs_in_compute_dtype(embeddings)
             indices, values = gml.select_topk(
                 x, proxies, None, self.proxies_per_class, self.top_k, self.selection_block_bytes
             )
+            kept = gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad)
             kept_classes = indices // self.proxies_per_class
             scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
-            scores.scatter_add_(1, kept_classes, values)
+            scores = scores.scatter_add(1, kept_classes, kept)
             selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_classes, True)
             return scores.masked_fill(~selected, float("-inf"))
 
