@@ -205,9 +205,9 @@ class _KeptSimilarities(torch.autograd.Function):
             )
             # F.normalize's clamp: below NORM_EPS the map is p / eps, with no radial term.
             radial = torch.where(row_norms > NORM_EPS, radial / row_norms, 0)
-            grad_rows = (toward_samples - radial.unsqueeze(1) * row_proxies) / row_norms.unsqueeze(
-                1
-            )
+            # In place: at a million proxies every (rows, d) temporary is gigabytes.
+            grad_rows = toward_samples.addcmul_(radial.unsqueeze(1), row_proxies, value=-1)
+            grad_rows.div_(row_norms.unsqueeze(1))
             grad_proxies = grad_rows
             if ctx.sparse_proxy_grad:
                 grad_proxies = torch.sparse_coo_tensor(
