@@ -17,7 +17,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 # The official code's epsilons: 1e-8 in the softmax denominator, 1e-20 inside the log.
 SOFTMAX_DENOMINATOR_EPS = 1e-8
@@ -289,11 +288,54 @@ def classification_loss(probabilities: torch.Tensor, is_target: torch.Tensor) ->
     return -torch.log(target_probability + LOG_EPS)
 
 
-def _regularizer_block_sum(
-    proxy_block: torch.Tensor, class_sums: torch.Tensor, block_classes: torch.Tensor
-) -> torch.Tensor:
-    logits = proxy_block @ class_sums.T
-    return F.cross_entropy(logits, block_classes, reduction="sum")
+def _regularizer_blocks(
+    anchors: torch.Tensor,
+    class_sums: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    rows_per_block: int,
+    with_gradients: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sum over anchors of CE(anchor . class_sums^T, class), block by block of anchors.
+
+    With ``with_gradients`` it also returns the gradients of that sum with respect to the
+    anchors and the class sums, taken in the same pass while each block of logits is at
+    hand: 3 matrix products per block instead of the 4 that recomputing it in backward
+    would cost.
+    """
+    total = anchors.new_zeros(())
+    grad_anchors = torch.empty_like(anchors) if with_gradients else None
+    grad_class_sums = torch.zeros_like(class_sums) if with_gradients else None
+    for start in range(0, len(anchors), rows_per_block):
+        block = anchors[start : start + rows_per_block]
+        classes = anchor_classes[start : start + rows_per_block].unsqueeze(1)
+        logits = block @ class_sums.T
+        log_normalizer = torch.logsumexp(logits, dim=1, keepdim=True)
+        total += (log_normalizer - logits.gather(1, classes)).sum()
+        if with_gradients:
+            # d CE / d logits = softmax - one_hot, formed in place in the logits' memory.
+            logits.sub_(log_normalizer).exp_()
+            logits.scatter_add_(1, classes, logits.new_full(classes.shape, -1.0))
+            torch.mm(logits, class_sums, out=grad_anchors[start : start + rows_per_block])
+            grad_class_sums.addmm_(logits.T, block)
+    return total, grad_anchors, grad_class_sums
+
+
+class _ProxyRegularizerSum(torch.autograd.Function):
+    """The regulariser's summed cross-entropy, with gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, anchors, class_sums, anchor_classes, rows_per_block):
+        total, grad_anchors, grad_class_sums = _regularizer_blocks(
+            anchors, class_sums, anchor_classes, rows_per_block, with_gradients=True
+        )
+        ctx.save_for_backward(grad_anchors, grad_class_sums)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grad_anchors, grad_class_sums = ctx.saved_tensors
+        return grad_anchors * grad, grad_class_sums * grad, None, None
 
 
 def proxy_regularizer(
@@ -307,7 +349,8 @@ def proxy_regularizer(
     Proxy j's logit for class c is the sum of its cosines to every proxy of c (itself
     included), i.e. ``p_j . U_c`` with ``U_c`` the sum of class c's proxies, so the cost is
     O(CN * C * d) time and never a (CN, C) or (CN, CN) matrix: rows are processed in
-    blocks of about ``block_elements`` logits, recomputed in backward.
+    blocks of about ``block_elements`` logits. When a gradient is needed it is computed in
+    the same pass (one (CN, d) and one (C, d) tensor are kept for backward).
 
     Args:
         normalized_proxies: (CN, d) unit-norm proxies, class-major.
@@ -324,16 +367,10 @@ def proxy_regularizer(
         rows = torch.arange(total, device=normalized_proxies.device)
     anchors, anchor_classes = normalized_proxies[rows], rows // proxies_per_class
     rows_per_block = max(1, block_elements // num_classes)
-    if rows_per_block >= len(rows):
-        return _regularizer_block_sum(anchors, class_sums, anchor_classes) / len(rows)
-    block_sums = [
-        checkpoint(
-            _regularizer_block_sum,
-            anchors[start : start + rows_per_block],
-            class_sums,
-            anchor_classes[start : start + rows_per_block],
-            use_reentrant=False,
+    if torch.is_grad_enabled() and normalized_proxies.requires_grad:
+        summed = _ProxyRegularizerSum.apply(anchors, class_sums, anchor_classes, rows_per_block)
+    else:
+        summed, _, _ = _regularizer_blocks(
+            anchors, class_sums, anchor_classes, rows_per_block, with_gradients=False
         )
-        for start in range(0, len(rows), rows_per_block)
-    ]
-    return torch.stack(block_sums).sum() / len(rows)
+    return summed / len(rows)

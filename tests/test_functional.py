@@ -262,3 +262,15 @@ def test_sampled_regularizer_is_the_mean_over_the_sampled_rows():
     for block_elements in (10, 10**6):
         sampled = gml.proxy_regularizer(proxies, 3, block_elements, rows)
         torch.testing.assert_close(sampled, per_proxy[rows].mean(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_regularizer_gradient_passes_gradcheck(sampled):
+    proxies = torch.randn(5 * 3, 4, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([1, 7, 8, 14]) if sampled else None
+    for block_elements in (5, 10**6):  # one proxy per block, and all at once
+
+        def regularizer(p, block_elements=block_elements):
+            return gml.proxy_regularizer(F.normalize(p, dim=1), 3, block_elements, rows)
+
+        assert torch.autograd.gradcheck(regularizer, (proxies,))
