@@ -138,9 +138,15 @@ def write_csv(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> None:
         writer.writerows(rows)
 
 
-def write_json(path: Path, rows: Sequence[Row], environment: Mapping[str, Any]) -> None:
+def write_json(
+    path: Path,
+    rows: Sequence[Row],
+    environment: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """``{"environment": ..., **extra, "rows": [...]}`` as indented JSON."""
     with open(path, "w") as file:
-        json.dump({"environment": environment, "rows": list(rows)}, file, indent=2)
+        json.dump({"environment": environment, **(extra or {}), "rows": list(rows)}, file, indent=2)
         file.write("\n")
 
 
