@@ -248,20 +248,6 @@ def build_loss(measurement: Measurement) -> torch.nn.Module:
     return one_proxy_per_class[m.loss_name](m.classes, m.embedding_size)
 
 
-def _proc_status_kib(key: str) -> int:
-    return int(reporting.proc_field("/proc/self/status", key).split()[0])
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def _limit_memory(device: torch.device, limit_bytes: int) -> None:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -270,7 +256,7 @@ def _limit_memory(device: torch.device, limit_bytes: int) -> None:
     # RLIMIT_AS, not RSS: the kernel enforces no RSS limit. It is never set on CUDA, whose
     # driver reserves far more address space than it uses.
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = _proc_status_kib("VmSize") * 1024 + limit_bytes
+    cap = reporting.proc_status_kib("VmSize") * 1024 + limit_bytes
     resource.setrlimit(resource.RLIMIT_AS, (cap if hard < 0 else min(cap, hard), hard))
 
 
@@ -320,8 +306,8 @@ def measure(measurement: Measurement, settings: Settings) -> dict[str, Any]:
         baseline = torch.cuda.memory_allocated(device)
         peak_reset = True
     else:
-        peak_reset = _reset_peak_rss()
-        baseline = _proc_status_kib("VmRSS") * 1024
+        peak_reset = reporting.reset_peak_rss()
+        baseline = reporting.proc_status_kib("VmRSS") * 1024
     times = []
     for _ in range(settings.warmup + settings.repeats):
         for tensor in with_grad:
@@ -334,7 +320,7 @@ def measure(measurement: Measurement, settings: Settings) -> dict[str, Any]:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = _proc_status_kib("VmHWM") * 1024
+        peak = reporting.proc_status_kib("VmHWM") * 1024
     timed = times[settings.warmup :]
     return {
         "status": "ok",

@@ -37,6 +37,21 @@ def proc_field(path: str, key: str) -> str | None:
     return None
 
 
+def proc_status_kib(key: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM, VmSize...) in KiB."""
+    return int(proc_field("/proc/self/status", key).split()[0])
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def _git(*args: str) -> str | None:
     try:
         done = subprocess.run(

@@ -12,6 +12,7 @@ the B * k kept entries, and the regulariser goes through per-class proxy sums.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -30,6 +31,13 @@ DEFAULT_SELECTION_BLOCK_BYTES = 16 << 20
 
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
 DEFAULT_REGULARIZER_BLOCK_ELEMENTS = 1 << 24
+
+
+def full_precision(device: torch.device):
+    """Autocast off, so that the loss computes in float32 or float64 whatever the caller's."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def num_selected(
@@ -288,6 +296,19 @@ def classification_loss(probabilities: torch.Tensor, is_target: torch.Tensor) ->
     return -torch.log(target_probability + LOG_EPS)
 
 
+def subgraph_loss(
+    kept_similarities: torch.Tensor, kept_classes: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss of each sample's sub-graph, and its (B, k) slots of present classes.
+
+    Class logits are the per-class sums of the kept similarities; classes whose logit is
+    exactly 0 drop out of the masked softmax, as in the official code.
+    """
+    logits, classes, present = class_logits(kept_similarities, kept_classes)
+    probabilities = masked_softmax(logits, present & (logits != 0))
+    return classification_loss(probabilities, classes == labels.unsqueeze(1)), present
+
+
 def _regularizer_blocks(
     anchors: torch.Tensor,
     class_sums: torch.Tensor,
@@ -338,6 +359,27 @@ class _ProxyRegularizerSum(torch.autograd.Function):
         return grad_anchors * grad, grad_class_sums * grad, None, None
 
 
+def regularizer_sum(
+    anchors: torch.Tensor,
+    class_sums: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    block_elements: int = DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Sum over anchors of CE(anchor . class_sums^T, anchor's class), block by block.
+
+    The building block of ``proxy_regularizer`` (and of its sharded version): when a
+    gradient is needed it is computed in the same pass, keeping one (anchors, d) and one
+    (C, d) tensor for backward.
+    """
+    rows_per_block = max(1, block_elements // len(class_sums))
+    if torch.is_grad_enabled() and (anchors.requires_grad or class_sums.requires_grad):
+        return _ProxyRegularizerSum.apply(anchors, class_sums, anchor_classes, rows_per_block)
+    summed, _, _ = _regularizer_blocks(
+        anchors, class_sums, anchor_classes, rows_per_block, with_gradients=False
+    )
+    return summed
+
+
 def proxy_regularizer(
     normalized_proxies: torch.Tensor,
     proxies_per_class: int,
@@ -349,8 +391,7 @@ def proxy_regularizer(
     Proxy j's logit for class c is the sum of its cosines to every proxy of c (itself
     included), i.e. ``p_j . U_c`` with ``U_c`` the sum of class c's proxies, so the cost is
     O(CN * C * d) time and never a (CN, C) or (CN, CN) matrix: rows are processed in
-    blocks of about ``block_elements`` logits. When a gradient is needed it is computed in
-    the same pass (one (CN, d) and one (C, d) tensor are kept for backward).
+    blocks of about ``block_elements`` logits (see ``regularizer_sum``).
 
     Args:
         normalized_proxies: (CN, d) unit-norm proxies, class-major.
@@ -366,11 +407,4 @@ def proxy_regularizer(
     if rows is None:
         rows = torch.arange(total, device=normalized_proxies.device)
     anchors, anchor_classes = normalized_proxies[rows], rows // proxies_per_class
-    rows_per_block = max(1, block_elements // num_classes)
-    if torch.is_grad_enabled() and normalized_proxies.requires_grad:
-        summed = _ProxyRegularizerSum.apply(anchors, class_sums, anchor_classes, rows_per_block)
-    else:
-        summed, _, _ = _regularizer_blocks(
-            anchors, class_sums, anchor_classes, rows_per_block, with_gradients=False
-        )
-    return summed / len(rows)
+    return regularizer_sum(anchors, class_sums, anchor_classes, block_elements) / len(rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -28,13 +27,6 @@ def official_uniform_init(proxies: torch.Tensor) -> None:
     bound = 1.0 / math.sqrt(proxies.shape[0])
     with torch.no_grad():
         proxies.uniform_(-bound, bound)
-
-
-def _full_precision(device: torch.device):
-    """Autocast off: the loss computes in float32 or float64 whatever the caller's autocast."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -190,17 +182,16 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._validate(embeddings, labels)
-        with _full_precision(embeddings.device):
+        with gml.full_precision(embeddings.device):
             x, proxies = self._inputs_in_compute_dtype(embeddings)
             indices, values = gml.select_topk(
                 x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
             )
-            logits, classes, present = gml.class_logits(
+            per_sample, present = gml.subgraph_loss(
                 gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad),
                 indices // self.proxies_per_class,
+                labels,
             )
-            probabilities = gml.masked_softmax(logits, present & (logits != 0))
-            per_sample = gml.classification_loss(probabilities, classes == labels.unsqueeze(1))
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=x.dtype)
             loss_dict = {
                 "loss": {
@@ -294,7 +285,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         result is ProxyGML's class distribution for the sample. Differentiable.
         """
         self._validate_embedding_shape(embeddings)
-        with _full_precision(embeddings.device):
+        with gml.full_precision(embeddings.device):
             x, proxies = self._inputs_in_compute_dtype(embeddings)
             indices, values = gml.select_topk(
                 x, proxies, None, self.proxies_per_class, self.top_k, self.selection_block_bytes
