@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from drop_in_swap import EMBEDDING_SIZE, ShiftedDigits  # this script's directory
+from drop_in_swap import EMBEDDING_SIZE, ShiftedDigits, small_cnn  # this script's directory
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -67,15 +67,7 @@ def recall_at_1(model: DistributedDataParallel, dataset: ShiftedDigits) -> float
 def train(args: argparse.Namespace, device: torch.device) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same model on every rank (DDP would broadcast rank 0's anyway)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveMaxPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(64, EMBEDDING_SIZE),
-    ).to(device)
+    model = torch.nn.Sequential(small_cnn(), torch.nn.Linear(64, EMBEDDING_SIZE)).to(device)
     loss_args = (TRAIN_CLASSES, EMBEDDING_SIZE, args.proxies_per_class, args.r)
     if args.sharded:
         loss = ShardedProxyGMLLoss(*loss_args).to(device)

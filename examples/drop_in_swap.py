@@ -53,6 +53,18 @@ class ShiftedDigits(torch.utils.data.Dataset):
         return self.images[index], self.labels[index]
 
 
+def small_cnn() -> torch.nn.Sequential:
+    """The trunk: two 3x3 conv layers and a global max-pool, 64 features."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveMaxPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+
 def recall_at_1(tester, dataset, trunk, embedder) -> float:
     accuracies = tester.test({"test": dataset}, 0, trunk, embedder)
     return accuracies["test"]["precision_at_1_level0"]
@@ -61,14 +73,7 @@ def recall_at_1(tester, dataset, trunk, embedder) -> float:
 def train_and_test(loss_name: str, epochs: int, seed: int = 0) -> dict[str, float]:
     torch.manual_seed(seed)
     train_set, test_set = ShiftedDigits(range(0, 5)), ShiftedDigits(range(5, 10))
-    trunk = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveMaxPool2d(1),
-        torch.nn.Flatten(),
-    )
+    trunk = small_cnn()
     embedder = torch.nn.Linear(64, EMBEDDING_SIZE)
     loss = make_loss(loss_name)
     tester = testers.GlobalEmbeddingSpaceTester(
