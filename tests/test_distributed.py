@@ -251,17 +251,23 @@ def uneven_sizes(batch_size: int, world_size: int) -> list[int]:
     return sizes
 
 
+def sharded_loss_for_case(case: dict) -> ShardedProxyGMLLoss:
+    """A float64 sharded loss configured as a golden case, holding this rank's proxy rows."""
+    loss = ShardedProxyGMLLoss(
+        int(case["C"]),
+        int(case["dim"]),
+        int(case["N"]),
+        r=float(case["r"]),
+        weight_lambda=float(case["weight_lambda"]),
+    ).double()
+    loss.load_full_state_dict({"proxies": tensor(case, "proxies").T})
+    return loss
+
+
 def _golden_worker(rank, world_size):
     results = []
     for case in CASES:
-        loss = ShardedProxyGMLLoss(
-            int(case["C"]),
-            int(case["dim"]),
-            int(case["N"]),
-            r=float(case["r"]),
-            weight_lambda=float(case["weight_lambda"]),
-        ).double()
-        loss.load_full_state_dict({"proxies": tensor(case, "proxies").T})
+        loss = sharded_loss_for_case(case)
         sizes = uneven_sizes(int(case["batch_size"]), world_size)
         embeddings = split(tensor(case, "embeddings_raw"), sizes)[rank]
         labels = split(torch.as_tensor(case["labels"]), sizes)[rank]
@@ -573,14 +579,7 @@ def one_rank_group(tmp_path):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
 def test_sharded_loss_on_one_rank_is_the_loss(one_rank_group, index):
     case = CASES[index]
-    loss = ShardedProxyGMLLoss(
-        int(case["C"]),
-        int(case["dim"]),
-        int(case["N"]),
-        r=float(case["r"]),
-        weight_lambda=float(case["weight_lambda"]),
-    ).double()
-    loss.load_full_state_dict({"proxies": tensor(case, "proxies").T})
+    loss = sharded_loss_for_case(case)
     embeddings, labels = tensor(case, "embeddings_raw"), torch.as_tensor(case["labels"])
     got = loss_step(loss, embeddings, labels)
     expected = loss_step(loss_for_case(case), embeddings, labels)
