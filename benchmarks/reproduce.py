@@ -474,6 +474,10 @@ def train(args: argparse.Namespace, recipe: PaperRecipe) -> dict[str, Any]:
     seed = recipe.train.seed
     run_dir = args.work_dir or args.results_dir / "runs" / recipe.name / f"{loss_name}_seed{seed}"
     config = {"recipe": recipe.to_dict(), "loss": loss_name, "amp": args.amp}
+    # Find the data before creating the run folder, so a missing dataset leaves nothing behind.
+    train_tf, eval_tf = transforms(recipe)
+    train_set = paper_data.load_split(dataset, args.data_root, "train", train_tf, args.download)
+    test_set = paper_data.load_split(dataset, args.data_root, "test", eval_tf)
     check_config(run_dir, config)
     checkpoint = run_dir / "checkpoints" / training.CHECKPOINT_NAME
     checkpoint.parent.mkdir(exist_ok=True)
@@ -482,9 +486,6 @@ def train(args: argparse.Namespace, recipe: PaperRecipe) -> dict[str, Any]:
         LOGGER.info(
             "%s\n%s, loss %s, seed %d: %s", args.command, recipe.name, loss_name, seed, run_dir
         )
-        train_tf, eval_tf = transforms(recipe)
-        train_set = paper_data.load_split(dataset, args.data_root, "train", train_tf, args.download)
-        test_set = paper_data.load_split(dataset, args.data_root, "test", eval_tf)
         classes = training.num_classes(train_set)
         LOGGER.info(
             "train: %d images, %d classes; test: %d images, %d classes",

@@ -186,6 +186,7 @@ def test_missing_dataset_names_the_layout_and_the_download_flag(tmp_path: Path) 
     assert "CUB_200_2011/images.txt" in message and "--download" in message
     with pytest.raises(paper_data.DatasetNotFoundError, match=r"Ebay_train\.txt"):
         reproduce.main(command("sop", tmp_path / "nowhere", tmp_path / "results", 1))
+    assert not (tmp_path / "results" / "runs").exists()  # a failed start leaves no run folder
 
 
 def test_transforms_follow_the_pixel_conventions() -> None:
