@@ -129,9 +129,10 @@ def select_topk(
         return kept_positives.gather(1, best), values
 
     num_negatives = k - kept_positives.shape[1]
-    best_values = embeddings.new_full((batch_size, num_negatives), float("-inf"))
-    best_indices = torch.zeros_like(best_values, dtype=torch.long)
-    rows = selection_block_rows(batch_size, embeddings.element_size(), block_bytes)
+    rows = max(
+        num_negatives, selection_block_rows(batch_size, embeddings.element_size(), block_bytes)
+    )
+    best_values = best_indices = None
     for start in range(0, num_proxies, rows):
         stop = min(start + rows, num_proxies)
         block = embeddings @ proxies[start:stop].T
@@ -139,7 +140,11 @@ def select_topk(
         if labels is not None:
             block_classes = torch.arange(start, stop, device=labels.device) // proxies_per_class
             block.masked_fill_(block_classes == labels.unsqueeze(1), float("-inf"))
-        best_values, best_indices = _merge_running_topk(best_values, best_indices, block, start)
+        if best_values is None:  # the first block holds at least num_negatives columns
+            best_values, positions = block.topk(num_negatives, dim=1, sorted=False)
+            best_indices = positions + start
+        else:
+            best_values, best_indices = _merge_running_topk(best_values, best_indices, block, start)
     indices = torch.cat([kept_positives, best_indices], dim=1)
     return indices, torch.cat([positive_values, best_values], dim=1)
 
