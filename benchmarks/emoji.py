@@ -96,7 +96,7 @@ DEFAULT_OUT = RESULTS_ROOT / "emoji"
 QUICK_OUT = RESULTS_ROOT / "emoji_quick"
 DEFAULT_DATA = emoji_data.DEFAULT_CACHE
 
-EPOCHS = 30
+EPOCHS = 20
 SEEDS = 3
 QUICK_EPOCHS = 10
 QUICK_LOSSES = ("proxygml", "proxyanchor")
