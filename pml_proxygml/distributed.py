@@ -360,7 +360,12 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
             x, proxies = self._inputs_in_compute_dtype(embeddings)
             indices, values = self._select(x, proxies, labels)
             kept = self._kept_similarities(x, proxies, indices, values)
-            per_sample, present = gml.subgraph_loss(kept, indices // self.proxies_per_class, labels)
+            per_sample, present = gml.subgraph_loss(
+                kept,
+                indices // self.proxies_per_class,
+                labels,
+                classes_are_distinct=self.proxies_per_class == 1,
+            )
             loss_dict = {
                 "loss": {
                     "losses": per_sample,

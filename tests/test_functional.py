@@ -66,6 +66,18 @@ def test_class_logits_segment_sums():
     torch.testing.assert_close(logits[1, 0], torch.tensor(1.0))
 
 
+def test_class_logits_of_distinct_classes_skip_the_sort():
+    """The N=1 shortcut returns the same class sums as the segment sums, unsorted."""
+    kept_similarities = torch.tensor([[0.5, 0.25, -0.125], [0.0, 0.2, 0.3]])
+    kept_classes = torch.tensor([[4, 1, 7], [2, 0, 5]])
+    dense = []
+    for distinct in (False, True):
+        logits, classes, present = gml.class_logits(kept_similarities, kept_classes, distinct)
+        assert present.all()
+        dense.append(torch.zeros(2, 8).scatter(1, classes, logits))
+    torch.testing.assert_close(dense[0], dense[1], rtol=0, atol=0)
+
+
 def official_masked_softmax(logits, mask):
     exp = torch.exp(logits) * mask
     return exp / (1e-8 + exp.sum(dim=1, keepdim=True))
@@ -109,6 +121,7 @@ REFERENCE_CONFIGS = {
     "batch_of_one": dict(C=20, N=3, r=0.2, lam=0.3, B=1),
     "k_below_N": dict(C=5, N=12, r=0.05, lam=0.3, B=8),
     "k_is_1": dict(C=10, N=1, r=0.1, lam=0.0, B=6),
+    "one_proxy_per_class": dict(C=300, N=1, r=0.05, lam=0.0, B=16),
     "r1_N12": dict(C=4, N=12, r=1.0, lam=0.3, B=8),
     "same_label": dict(C=30, N=2, r=0.1, lam=0.3, B=10, same_label=True),
     "C1000_N2": dict(C=1000, N=2, r=0.05, lam=0.3, B=12),

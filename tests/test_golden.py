@@ -80,7 +80,9 @@ def test_selection_logits_and_probabilities(case, dtype):
     kept, values = gml.select_topk(embeddings, proxies, labels, proxies_per_class, k)
     assert torch.equal(kept.sort(dim=1).values, torch.as_tensor(case["topk_indices"]))
 
-    logits, classes, present = gml.class_logits(values, kept // proxies_per_class)
+    logits, classes, present = gml.class_logits(
+        values, kept // proxies_per_class, classes_are_distinct=proxies_per_class == 1
+    )
     mask = present & (logits != 0)
     probabilities = gml.masked_softmax(logits, mask)
     dense = torch.zeros(len(labels), num_classes + 1, dtype=dtype)  # column C collects empty slots

@@ -101,23 +101,22 @@ def test_host_sync_counter_sees_item():
     assert counter.syncs == ["aten._local_scalar_dense.default"]
 
 
-def test_forward_runs_on_the_meta_device():
-    """Every tensor of the forward follows the inputs' device (meta has no data at all)."""
+def test_a_step_runs_on_the_meta_device():
+    """Every tensor of forward and backward follows the inputs' device (meta has no data)."""
     with torch.device("meta"):
         loss_fn = ProxyGMLLoss(100, 64, proxies_per_class=12, check_inputs=False)
         embeddings = torch.randn(32, 64, requires_grad=True)
         labels = torch.randint(0, 100, (32,))
         loss = loss_fn(embeddings, labels)
+        loss.backward()
         logits = loss_fn.get_logits(embeddings)
     assert loss.device.type == "meta" and logits.shape == (32, 100)
+    assert embeddings.grad.device.type == "meta" and loss_fn.proxies.grad.shape == (1200, 64)
 
 
 @pytest.mark.parametrize("weight_lambda", [0.0, 0.3])
 def test_a_step_creates_no_tensor_on_the_default_device(weight_lambda):
-    """CPU inputs, default device meta: a tensor made without ``device=`` breaks the step.
-
-    (The sparse backward uses CSR products, which the meta device does not implement.)
-    """
+    """CPU inputs, default device meta: a tensor made without ``device=`` breaks the step."""
     loss_fn = ProxyGMLLoss(100, 64, proxies_per_class=12, weight_lambda=weight_lambda)
     embeddings = torch.randn(32, 64, requires_grad=True)
     labels = torch.randint(0, 100, (32,))

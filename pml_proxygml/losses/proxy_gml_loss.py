@@ -191,6 +191,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad),
                 indices // self.proxies_per_class,
                 labels,
+                classes_are_distinct=self.proxies_per_class == 1,
             )
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=x.dtype)
             loss_dict = {
