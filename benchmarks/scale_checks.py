@@ -1,19 +1,23 @@
-"""Measurements behind three design choices of ProxyGMLLoss at scale.
+"""Measurements behind ProxyGMLLoss's design choices at scale, and its SOP-shape targets.
 
-1. ``backward``: the sparse backward (a custom autograd Function, CSR products) against the
-   two plain-autograd formulations it replaced: gathering the kept similarities out of a
-   dense S = X @ P_hat^T (autograd then backpropagates a dense (B, C*N) gradient), and
-   gathering the kept proxies and differentiating (B, k, d) dot products.
+1. ``backward``: the sparse backward (a custom autograd Function, embedding_bag products)
+   against the two plain-autograd formulations it replaced: gathering the kept similarities
+   out of a dense S = X @ P_hat^T (autograd then backpropagates a dense (B, C*N) gradient),
+   and gathering the kept proxies and differentiating (B, k, d) dot products; and its two
+   sparse products against CSR ``torch.sparse.mm``.
 2. ``regularizer``: the exact proxy regulariser against ``regularizer_samples`` (a uniform
    sample of proxies per step): time, and how far value and gradient are from exact.
 3. ``million``: a full training step (loss forward, backward, optimizer step) at 1,000,000
    classes, N=1, d=512, B=256, top_k=1000, with Adam on a dense proxy gradient and with
    SparseAdam on ``sparse_proxy_grad=True``: time and the process's peak resident memory.
+4. ``targets``: the SOP-shape targets of the loss step (C=11,318, N=1, d=512, r=0.05,
+   lambda=0, B=32 and 256): time against the floor and ProxyAnchorLoss, interleaved in one
+   process, and the step's peak tensor memory from the torch profiler's memory timeline.
 
 Times are medians of ``--repeats`` runs after one warm-up, and every comparison is a ratio
 of measurements taken in the same process. Run ``python -m benchmarks.scale_checks`` (all
-three, about 5 minutes on 2 CPU cores) or name some: ``python -m benchmarks.scale_checks
-backward regularizer``. Results: ``benchmarks/results/scale_checks_<check>.{json,md}``.
+four, about 5 minutes on 2 CPU cores) or name some: ``python -m benchmarks.scale_checks
+backward targets``. Results: ``benchmarks/results/scale_checks_<check>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 from tqdm import tqdm
 
 from pml_proxygml import ProxyGMLLoss
@@ -35,6 +42,7 @@ from pml_proxygml import functional as gml
 from . import reporting
 
 RESULTS = Path(__file__).parent / "results"
+MIB = 2**20
 
 
 def median_seconds(step: Callable[[], Any], repeats: int) -> float:
@@ -98,15 +106,60 @@ def _backward_rows(
     ]
 
 
+def _csr_product(
+    row_starts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
+) -> torch.Tensor:
+    size = (len(row_starts) - 1, len(dense))
+    matrix = torch.sparse_csr_tensor(row_starts, columns, values, size=size)
+    return torch.sparse.mm(matrix, dense)
+
+
+def _product_rows(batch: int, num_proxies: int, repeats: int) -> list[dict[str, Any]]:
+    """The backward's two sparse products, by embedding_bag and by a CSR torch.sparse.mm."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 512, generator=generator)
+    proxies = torch.randn(num_proxies, 512, generator=generator)
+    k = gml.num_selected(0.05, num_proxies, 1)
+    indices = torch.rand(batch, num_proxies, generator=generator).topk(k, dim=1).indices
+    weights = torch.randn(batch * k, generator=generator)
+    flat = indices.reshape(-1)
+    by_sample = torch.arange(0, batch * k + 1, k)
+    order = flat.argsort(stable=True)
+    by_proxy = torch.searchsorted(flat[order], torch.arange(num_proxies + 1))
+    products = {
+        "(B, CN) x proxies": (by_sample, flat, weights, proxies),
+        "(CN, B) x embeddings": (by_proxy, order // k, weights[order], x),
+    }
+    rows = []
+    for product, parts in products.items():
+        bag = median_seconds(lambda p=parts: gml._weighted_bag_sums(*p), repeats)
+        csr = median_seconds(lambda p=parts: _csr_product(*p), repeats)
+        rows.append(
+            {
+                "shape": f"B={batch} CN={num_proxies} k={k}",
+                "formulation": f"product {product}: embedding_bag",
+                "ms": bag * 1e3,
+                "x sparse": csr / bag,
+            }
+        )
+    return rows
+
+
 def check_backward(repeats: int) -> list[dict[str, Any]]:
     """fwd+bwd of the kept similarities alone, per formulation (selection excluded).
 
-    "floor" is the forward-only matmul X @ P^T of the same shape.
+    "floor" is the forward-only matmul X @ P^T of the same shape. The "product" rows time
+    the backward's two sparse products alone with ``embedding_bag`` (what the Function
+    uses); their "x sparse" column is the time of the same product by a CSR
+    ``torch.sparse.mm`` over it.
     """
     shapes = [(32, 11318, 1), (256, 11318, 1), (32, 1200, 12), (256, 1200, 12)]
-    return [
+    rows = [
         row for shape in tqdm(shapes, desc="backward") for row in _backward_rows(*shape, repeats)
     ]
+    for batch in (32, 256):
+        rows += _product_rows(batch, 11318, repeats)
+    return rows
 
 
 def check_regularizer(repeats: int, draws: int) -> list[dict[str, Any]]:
@@ -192,15 +245,150 @@ def check_million(repeats: int) -> list[dict[str, Any]]:
     return [_million_row(sparse, repeats) for sparse in tqdm((False, True), desc="million")]
 
 
+def allocation_peak_mib(
+    step: Callable[[], Any], leaves: Sequence[torch.Tensor] = ()
+) -> tuple[float, float]:
+    """(peak, working peak): tensor memory of one ``step`` over what was live before it.
+
+    From the torch profiler's memory timeline, which records every allocation and free of
+    torch's CPU allocator: tensor memory, not the process's RSS. "working" leaves out the
+    gradients that the step leaves in ``leaves``' ``.grad`` from the moment each is
+    allocated: it is what the computation itself holds at its worst moment.
+    """
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as profiler:
+        step()
+    gradients = {leaf.grad.untyped_storage().data_ptr() for leaf in leaves if leaf.grad is not None}
+    events = [
+        (key, action, size)
+        for _, action, (key, _), size in MemoryProfileTimeline(profiler._memory_profile()).timeline
+        if key.device.type == "cpu" and action != Action.INCREMENT_VERSION
+    ]
+    live_at_end: dict[Any, int] = {}
+    for key, action, size in events:
+        if action == Action.DESTROY:
+            live_at_end.pop(key, None)
+        else:
+            live_at_end[key] = size
+    gradient_keys = {key for key in live_at_end if key.storage.ptr in gradients}
+    live = working = 0
+    before = peak = working_peak = None
+    for key, action, size in events:
+        change = -size if action == Action.DESTROY else size
+        live += change
+        working += 0 if key in gradient_keys else change
+        if action != Action.PREEXISTING:
+            if before is None:
+                before = (live - change, working - (0 if key in gradient_keys else change))
+            peak, working_peak = max(peak or live, live), max(working_peak or working, working)
+    if before is None:  # the step allocated nothing
+        return 0.0, 0.0
+    return (peak - before[0]) / MIB, (working_peak - before[1]) / MIB
+
+
+SOP_CLASSES = 11318
+TARGET_X_FLOOR = {32: 3.0, 256: 2.0}
+TARGET_X_PROXYANCHOR = 0.5
+TARGET_MEMORY_X_BCN = 2.0
+
+
+def _target_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 512, generator=generator).requires_grad_()
+    proxies = torch.randn(SOP_CLASSES, 512, generator=generator)
+    labels = torch.randint(0, SOP_CLASSES, (batch,), generator=generator)
+    proxygml = ProxyGMLLoss(SOP_CLASSES, 512, proxies_per_class=1, r=0.05, weight_lambda=0.0)
+    proxyanchor = losses.ProxyAnchorLoss(SOP_CLASSES, 512)
+
+    def floor() -> None:
+        with torch.no_grad():
+            F.normalize(x) @ F.normalize(proxies).T
+
+    def loss_step(loss: torch.nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            x.grad = loss.proxies.grad = None
+            loss(x, labels).backward()
+
+        return step
+
+    steps = {"floor": floor, "ProxyGML": loss_step(proxygml), "ProxyAnchor": loss_step(proxyanchor)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_ > 0:
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    peak, working = allocation_peak_mib(steps["ProxyGML"], [x, proxygml.proxies])
+    anchor_peak, _ = allocation_peak_mib(steps["ProxyAnchor"])
+    one_bcn = batch * SOP_CLASSES * 4 / MIB
+    shape = f"B={batch}"
+    x_floor = median["ProxyGML"] / median["floor"]
+    x_anchor = median["ProxyGML"] / median["ProxyAnchor"]
+    memory_limit = TARGET_MEMORY_X_BCN * one_bcn
+    memory_target = f"< {TARGET_MEMORY_X_BCN:.0f} (B, CN) = {memory_limit:.1f} MiB"
+    return [
+        {
+            "shape": shape,
+            "quantity": "time: ProxyGML fwd+bwd / floor",
+            "measured": f"{x_floor:.2f}x ({median['ProxyGML'] * 1e3:.1f} / "
+            f"{median['floor'] * 1e3:.1f} ms)",
+            "target": f"<= {TARGET_X_FLOOR[batch]:.0f}x",
+            "met": x_floor <= TARGET_X_FLOOR[batch],
+        },
+        {
+            "shape": shape,
+            "quantity": "time: ProxyGML / ProxyAnchor fwd+bwd",
+            "measured": f"{x_anchor:.2f}x ({median['ProxyAnchor'] * 1e3:.1f} ms ProxyAnchor)",
+            "target": f"<= {TARGET_X_PROXYANCHOR}x",
+            "met": x_anchor <= TARGET_X_PROXYANCHOR,
+        },
+        {
+            "shape": shape,
+            "quantity": "memory: step's working tensors (gradients written excluded)",
+            "measured": f"{working:.1f} MiB = {working / one_bcn:.2f} (B, CN)",
+            "target": memory_target,
+            "met": working < memory_limit,
+        },
+        {
+            "shape": shape,
+            "quantity": "memory: step's peak incl. the gradients (proxies' is (CN, d))",
+            "measured": f"{peak:.1f} MiB = {peak / one_bcn:.2f} (B, CN); "
+            f"ProxyAnchor {anchor_peak:.1f} MiB",
+            "target": memory_target,
+            "met": peak < memory_limit,
+        },
+    ]
+
+
+def check_targets(repeats: int) -> list[dict[str, Any]]:
+    """The SOP-shape targets (C=11,318, N=1, d=512, r=0.05, lambda=0), B=32 and 256.
+
+    Times: ProxyGMLLoss and PML's ProxyAnchorLoss fwd+bwd and the floor (normalised X @ P^T,
+    forward only), interleaved round by round in this process; medians. Memory: the torch
+    profiler's record of every tensor allocation during one step (not RSS): the peak over
+    what was live before, with and without the gradients the step writes (the embeddings'
+    (B, d) and the proxies' (CN, d), which every proxy loss writes). The target compares
+    with one (B, CN) float32 tensor.
+    """
+    return [
+        row for batch in tqdm((32, 256), desc="targets") for row in _target_rows(batch, repeats)
+    ]
+
+
 CHECKS_DOC = {
     "backward": check_backward.__doc__,
     "regularizer": check_regularizer.__doc__,
     "million": check_million.__doc__,
+    "targets": check_targets.__doc__,
 }
 CHECKS = {
     "backward": lambda args: check_backward(args.repeats),
     "regularizer": lambda args: check_regularizer(args.repeats, args.draws),
     "million": lambda args: check_million(args.repeats),
+    "targets": lambda args: check_targets(args.repeats),
 }
 
 
