@@ -200,9 +200,9 @@ class _KeptSimilarities(torch.autograd.Function):
         (batch_size, k), num_proxies = indices.shape, proxies.shape[0]
         norms = proxy_norms(proxies)
         flat_indices = indices.reshape(-1)
+        scaled = (grad / norms[indices]).reshape(-1)  # g_im / |p_j|: both products need it
         grad_embeddings = grad_proxies = None
         if ctx.needs_input_grad[0]:
-            scaled = (grad / norms[indices]).reshape(-1)
             row_starts = torch.arange(0, batch_size * k + 1, k, device=grad.device)
             grad_embeddings = _weighted_bag_sums(row_starts, flat_indices, scaled, proxies)
         if ctx.needs_input_grad[1]:
@@ -220,17 +220,15 @@ class _KeptSimilarities(torch.autograd.Function):
                 boundaries = torch.arange(num_proxies + 1, device=grad.device)
                 row_starts = torch.searchsorted(sorted_proxies, boundaries)
                 row_proxies, row_norms = proxies, norms
-            toward_samples = _weighted_bag_sums(
-                row_starts, order // k, grad.reshape(-1)[order], embeddings
-            )
+            # A_j / |p_j|, then minus c_j p_j / |p_j|^2: one pass over the (rows, d) result,
+            # in place, because at a million proxies every (rows, d) temporary is gigabytes.
+            grad_rows = _weighted_bag_sums(row_starts, order // k, scaled[order], embeddings)
             radial = torch.zeros_like(row_norms).index_add_(
                 0, entry_rows, (grad * similarities).reshape(-1)[order]
             )
             # F.normalize's clamp: below NORM_EPS the map is p / eps, with no radial term.
-            radial = torch.where(row_norms > NORM_EPS, radial / row_norms, 0)
-            # In place: at a million proxies every (rows, d) temporary is gigabytes.
-            grad_rows = toward_samples.addcmul_(radial.unsqueeze(1), row_proxies, value=-1)
-            grad_rows.div_(row_norms.unsqueeze(1))
+            radial = torch.where(row_norms > NORM_EPS, radial / row_norms.square(), 0)
+            grad_rows.addcmul_(radial.unsqueeze(1), row_proxies, value=-1)
             grad_proxies = grad_rows
             if ctx.sparse_proxy_grad:
                 grad_proxies = torch.sparse_coo_tensor(
