@@ -10,13 +10,15 @@
 3. ``million``: a full training step (loss forward, backward, optimizer step) at 1,000,000
    classes, N=1, d=512, B=256, top_k=1000, with Adam on a dense proxy gradient and with
    SparseAdam on ``sparse_proxy_grad=True``: time and the process's peak resident memory.
-4. ``targets``: the SOP-shape targets of the loss step (C=11,318, N=1, d=512, r=0.05,
+4. ``topk``: the per-row top-k of a similarity block, torch.topk against numpy's
+   argpartition (what the selection uses on CPU).
+5. ``targets``: the SOP-shape targets of the loss step (C=11,318, N=1, d=512, r=0.05,
    lambda=0, B=32 and 256): time against the floor and ProxyAnchorLoss, interleaved in one
    process, and the step's peak tensor memory from the torch profiler's memory timeline.
 
 Times are medians of ``--repeats`` runs after one warm-up, and every comparison is a ratio
 of measurements taken in the same process. Run ``python -m benchmarks.scale_checks`` (all
-four, about 5 minutes on 2 CPU cores) or name some: ``python -m benchmarks.scale_checks
+five, about 6 minutes on 2 CPU cores) or name some: ``python -m benchmarks.scale_checks
 backward targets``. Results: ``benchmarks/results/scale_checks_<check>.{json,md}``.
 """
 
@@ -245,6 +247,35 @@ def check_million(repeats: int) -> list[dict[str, Any]]:
     return [_million_row(sparse, repeats) for sparse in tqdm((False, True), desc="million")]
 
 
+def check_topk(repeats: int) -> list[dict[str, Any]]:
+    """Per-row top-k of a similarity block: torch.topk against the CPU path of ``_largest``
+    (numpy argpartition over chunks of rows on torch's thread count), same block, same k.
+
+    Shapes: the SOP selection (B x 11,318, k - 1 negatives) and one merge of the streamed
+    selection at a million classes with top_k=1000 (B x (16,384 + 999)).
+    """
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for batch, width, count in tqdm(
+        [(32, 11318, 565), (256, 11318, 565), (256, 16384 + 999, 999)], desc="topk"
+    ):
+        block = torch.randn(batch, width, generator=generator)
+        torch_seconds = median_seconds(
+            lambda b=block, c=count: b.topk(c, dim=1, sorted=False), repeats
+        )
+        numpy_seconds = median_seconds(lambda b=block, c=count: gml._largest(b, c), repeats)
+        rows.append(
+            {
+                "block": f"{batch} x {width}, k={count}",
+                "torch.topk ms": torch_seconds * 1e3,
+                "numpy argpartition ms": numpy_seconds * 1e3,
+                "speed-up": torch_seconds / numpy_seconds,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    return rows
+
+
 def allocation_peak_mib(
     step: Callable[[], Any], leaves: Sequence[torch.Tensor] = ()
 ) -> tuple[float, float]:
@@ -382,12 +413,14 @@ CHECKS_DOC = {
     "backward": check_backward.__doc__,
     "regularizer": check_regularizer.__doc__,
     "million": check_million.__doc__,
+    "topk": check_topk.__doc__,
     "targets": check_targets.__doc__,
 }
 CHECKS = {
     "backward": lambda args: check_backward(args.repeats),
     "regularizer": lambda args: check_regularizer(args.repeats, args.draws),
     "million": lambda args: check_million(args.repeats),
+    "topk": lambda args: check_topk(args.repeats),
     "targets": lambda args: check_targets(args.repeats),
 }
 

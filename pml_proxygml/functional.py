@@ -13,8 +13,12 @@ the B * k kept entries, and the regulariser goes through per-class proxy sums.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +34,10 @@ DEFAULT_SELECTION_BLOCK_BYTES = 16 << 20
 
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
 DEFAULT_REGULARIZER_BLOCK_ELEMENTS = 1 << 24
+
+# Elements per numpy argpartition call of the CPU top-k: rows go in chunks this large (its
+# (rows, n) int64 result stays small) spread over torch's intra-op thread count.
+PARTITION_CHUNK_ELEMENTS = 1 << 16
 
 
 def full_precision(device: torch.device):
@@ -69,6 +77,44 @@ def selection_block_rows(batch_size: int, element_size: int, block_bytes: int) -
     return max(1, block_bytes // (batch_size * element_size))
 
 
+@functools.cache
+def _partition_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="proxygml-topk")
+
+
+# A forked child has the pools' objects but not their threads.
+os.register_at_fork(after_in_child=_partition_pool.cache_clear)
+
+
+def _largest(block: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) of the ``count`` largest entries of each row of ``block``, unordered.
+
+    ``torch.topk``, except on CPU outside ``torch.compile``, where numpy's argpartition (a
+    SIMD introselect) is several times faster (``python -m benchmarks.scale_checks
+    topk``); it releases the GIL, so chunks of rows run on torch's intra-op thread count.
+    """
+    width = block.shape[1]
+    if block.device.type != "cpu" or count >= width or torch.compiler.is_compiling():
+        return block.topk(count, dim=1, sorted=False)
+    array, kth = block.numpy(), width - count
+    columns = np.empty((len(block), count), dtype=np.int64)
+    chunk_rows = max(1, PARTITION_CHUNK_ELEMENTS // width)
+
+    def partition(start: int) -> None:
+        chunk = slice(start, start + chunk_rows)
+        columns[chunk] = np.argpartition(array[chunk], kth, axis=1)[:, kth:]
+
+    starts = range(0, len(block), chunk_rows)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:
+        list(_partition_pool(workers).map(partition, starts))
+    else:
+        for start in starts:
+            partition(start)
+    indices = torch.from_numpy(columns)
+    return block.gather(1, indices), indices
+
+
 def _merge_running_topk(
     best_values: torch.Tensor,
     best_indices: torch.Tensor,
@@ -77,7 +123,7 @@ def _merge_running_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``best_values.shape[1]`` of the running best and a new block of columns."""
     num_best = best_values.shape[1]
-    values, positions = torch.cat([best_values, block], dim=1).topk(num_best, dim=1, sorted=False)
+    values, positions = _largest(torch.cat([best_values, block], dim=1), num_best)
     from_running = positions < num_best
     previous = best_indices.gather(1, positions.clamp(max=num_best - 1))
     indices = torch.where(from_running, previous, positions - num_best + block_start)
@@ -151,7 +197,7 @@ def select_topk(
         block *= inverse_norms[start:stop]
         _exclude_columns(block, kept_positives - start)
         if best_values is None:  # the first block holds at least num_negatives columns
-            best_values, positions = block.topk(num_negatives, dim=1, sorted=False)
+            best_values, positions = _largest(block, num_negatives)
             best_indices = positions + start
         else:
             best_values, best_indices = _merge_running_topk(best_values, best_indices, block, start)

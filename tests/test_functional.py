@@ -217,6 +217,26 @@ def test_streamed_selection_equals_one_shot(labelled):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("chunk_elements", "threads"), [(1 << 16, 1), (40, 1), (40, 2)])
+def test_cpu_largest_equals_torch_topk(monkeypatch, dtype, chunk_elements, threads):
+    """numpy's argpartition path: the same sets as torch.topk, in one chunk or in many
+    chunks of rows (one row per chunk with 40 elements) on one thread or on a pool."""
+    monkeypatch.setattr(gml, "PARTITION_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(5)
+    block = torch.randn(7, 33, generator=generator, dtype=dtype)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for count in (1, 5, 32, 33):
+            values, columns = gml._largest(block, count)
+            expected = block.topk(count, dim=1).indices
+            assert torch.equal(columns.sort(dim=1).values, expected.sort(dim=1).values)
+            assert torch.equal(values, block.gather(1, columns))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def test_selection_with_ties():
     """Tied similarities: still k distinct proxies, positives first, the k largest values."""
     base = torch.randn(6, 8, dtype=torch.float64)
