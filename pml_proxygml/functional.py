@@ -211,7 +211,7 @@ def _weighted_bag_sums(
     """``out[b] = sum_m weights[m] * rows[members[m]]`` over bag b's entries, in CSR layout.
 
     Bag b holds entries ``bag_starts[b]:bag_starts[b + 1]``; an empty bag sums to zero.
-    This is a sparse-times-dense product; ``embedding_bag`` runs it 4-14x faster on CPU
+    This is a sparse-times-dense product; ``embedding_bag`` runs it 2-3x faster on CPU
     than ``torch.sparse.mm`` with a CSR matrix (benchmarks/scale_checks.py, ``backward``).
     """
     return F.embedding_bag(
