@@ -69,17 +69,26 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _git_state() -> tuple[str | None, bool | None]:
+    """HEAD, and whether tracked files differ from it (then the commit does not pin the code)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+
+
+# Taken when the benchmarks are imported, i.e. with the code this process runs: a long run
+# must not report a commit made while it was running.
+GIT_COMMIT_AT_START, GIT_DIRTY_AT_START = _git_state()
+
+
 def capture_environment(device: str) -> dict[str, Any]:
     """Machine, library versions, git commit, command line and date, for a results file."""
     mem_total = proc_field("/proc/meminfo", "MemTotal")  # "24576000 kB"
-    status = _git("status", "--porcelain", "--untracked-files=no")
     environment: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # orig_argv (3.10+) keeps "-m package.module"; argv[0] would be the file's path.
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-        "git_commit": _git("rev-parse", "HEAD"),
-        # Uncommitted changes to tracked files mean the commit alone does not pin the code.
-        "git_dirty": None if status is None else bool(status),
+        "git_commit": GIT_COMMIT_AT_START,
+        "git_dirty": GIT_DIRTY_AT_START,
         "machine": {
             "cpu_model": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
             "cpu_cores": os.cpu_count(),
