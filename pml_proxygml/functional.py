@@ -92,9 +92,16 @@ def _largest(block: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tenso
     ``torch.topk``, except on CPU outside ``torch.compile``, where numpy's argpartition (a
     SIMD introselect) is several times faster (``python -m benchmarks.scale_checks
     topk``); it releases the GIL, so chunks of rows run on torch's intra-op thread count.
+    Tensors without storage of their own (``torch.func`` transforms wrap their inputs)
+    have no numpy view and take ``torch.topk`` too.
     """
     width = block.shape[1]
-    if block.device.type != "cpu" or count >= width or torch.compiler.is_compiling():
+    if (
+        block.device.type != "cpu"
+        or count >= width
+        or torch.compiler.is_compiling()
+        or not torch._C._has_storage(block)
+    ):
         return block.topk(count, dim=1, sorted=False)
     array, kth = block.numpy(), width - count
     columns = np.empty((len(block), count), dtype=np.int64)
@@ -224,25 +231,116 @@ def _weighted_bag_sums(
     )
 
 
+def _proxy_gradient_layout(
+    flat_indices: torch.Tensor, num_proxies: int, sparse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Where the B * k kept entries land in the proxies' gradient.
+
+    Returns ``(order, rows, entry_rows, row_starts)``: the entries sorted by proxy, the
+    gradient's rows (the touched proxies when ``sparse``, else None for all CN), each sorted
+    entry's row, and the CSR starts of every row's entries.
+    """
+    order = flat_indices.argsort(stable=True)
+    sorted_proxies = flat_indices[order]
+    if not sparse:
+        boundaries = torch.arange(num_proxies + 1, device=flat_indices.device)
+        return order, None, sorted_proxies, torch.searchsorted(sorted_proxies, boundaries)
+    # Only the touched rows; their number is data-dependent (a host sync on GPU).
+    rows, entry_rows, counts = torch.unique_consecutive(
+        sorted_proxies, return_inverse=True, return_counts=True
+    )
+    return order, rows, entry_rows, F.pad(counts.cumsum(0), (1, 0))
+
+
+def _proxy_gradient(
+    grad_rows: torch.Tensor, rows: torch.Tensor | None, shape: torch.Size
+) -> torch.Tensor:
+    """The proxies' gradient from its rows: dense as is, or a coalesced sparse COO tensor."""
+    if rows is None:
+        return grad_rows
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0),
+        grad_rows,
+        shape,
+        device=grad_rows.device,
+        is_coalesced=True,
+        check_invariants=False,
+    )
+
+
+def _differentiable_kept_gradients(
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    indices: torch.Tensor,
+    grad: torch.Tensor,
+    needs_input_grad: tuple[bool, ...],
+    sparse_proxy_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``_KeptSimilarities``'s two gradients as a graph of x, the proxies and g.
+
+    Per kept entry (i, m) of proxy j: the x term g_im p_hat_j and the proxy term
+    g_im (x_i - S_im p_hat_j) / n_j, with S and n recomputed here; the proxy terms are
+    summed into rows with ``index_add``. Costs O(B * k * d) memory.
+    """
+    dim = proxies.shape[1]
+    norms = proxy_norms(proxies)[indices]  # clamp_min: no derivative below NORM_EPS
+    unit = proxies[indices] / norms.unsqueeze(-1)
+    grad_embeddings = grad_proxies = None
+    if needs_input_grad[0]:
+        grad_embeddings = torch.einsum("bk,bkd->bd", grad, unit)
+    if needs_input_grad[1]:
+        similarities = torch.einsum("bd,bkd->bk", embeddings, unit)
+        radial = torch.where(norms > NORM_EPS, similarities, 0).unsqueeze(-1) * unit
+        entries = (grad / norms).unsqueeze(-1) * (embeddings.unsqueeze(1) - radial)
+        order, rows, entry_rows, _ = _proxy_gradient_layout(
+            indices.reshape(-1), proxies.shape[0], sparse_proxy_grad
+        )
+        num_rows = proxies.shape[0] if rows is None else len(rows)
+        grad_rows = entries.new_zeros(num_rows, dim).index_add(
+            0, entry_rows, entries.reshape(-1, dim)[order]
+        )
+        grad_proxies = _proxy_gradient(grad_rows, rows, proxies.shape)
+    return grad_embeddings, grad_proxies
+
+
 class _KeptSimilarities(torch.autograd.Function):
     """Similarities of the kept proxies, with a backward that touches only B * k entries.
 
-    With p_hat_j = p_j / |p_j| and g the incoming (B, k) gradient:
+    With n_j = max(|p_j|, 1e-12), p_hat_j = p_j / n_j, S_im = x_i . p_hat_j(m) and g the
+    incoming (B, k) gradient:
     dL/dx_i = sum_m g_im p_hat_j(m), a sparse (B x CN) product with the proxies, and
-    dL/dp_j = (A_j - c_j p_hat_j) / |p_j| with A = g^T x (a sparse (CN x B) product) and
-    c_j = sum_i g_ij S_ij: the gradient through the normalisation without any dense
-    (B, CN) tensor or a backward pass of ``F.normalize`` over all proxies.
+    dL/dp_j = (A_j - c_j p_hat_j) / n_j with A = g^T x (a sparse (CN x B) product) and
+    c_j = sum_i g_ij S_ij (0 where |p_j| <= 1e-12, below ``F.normalize``'s clamp): the
+    gradient through the normalisation without any dense (B, CN) tensor or a backward
+    pass of ``F.normalize`` over all proxies.
+
+    Twice differentiable: when the backward itself is recorded (``create_graph=True``,
+    ``torch.func.grad``), the same two formulas are built from differentiable (B, k, d)
+    gathers with S recomputed from x and the proxies, so that the second derivatives see
+    S's own dependence on them (the saved S are constants). Otherwise the fused path
+    below runs, recording nothing.
     """
 
     @staticmethod
-    def forward(ctx, embeddings, proxies, indices, similarities, sparse_proxy_grad):
+    def forward(embeddings, proxies, indices, similarities, sparse_proxy_grad):
+        return similarities.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        embeddings, proxies, indices, similarities, sparse_proxy_grad = inputs
         ctx.save_for_backward(embeddings, proxies, indices, similarities)
         ctx.sparse_proxy_grad = sparse_proxy_grad
-        return similarities.clone()
 
     @staticmethod
     def backward(ctx, grad):
         embeddings, proxies, indices, similarities = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(
+            tensor.requires_grad for tensor in (grad, embeddings, proxies)
+        ):
+            grads = _differentiable_kept_gradients(
+                embeddings, proxies, indices, grad, ctx.needs_input_grad, ctx.sparse_proxy_grad
+            )
+            return *grads, None, None, None
         (batch_size, k), num_proxies = indices.shape, proxies.shape[0]
         norms = proxy_norms(proxies)
         flat_indices = indices.reshape(-1)
@@ -252,20 +350,12 @@ class _KeptSimilarities(torch.autograd.Function):
             row_starts = torch.arange(0, batch_size * k + 1, k, device=grad.device)
             grad_embeddings = _weighted_bag_sums(row_starts, flat_indices, scaled, proxies)
         if ctx.needs_input_grad[1]:
-            order = flat_indices.argsort(stable=True)
-            sorted_proxies = flat_indices[order]
-            if ctx.sparse_proxy_grad:
-                # Only the touched rows; their number is data-dependent (a host sync on GPU).
-                rows, entry_rows, counts = torch.unique_consecutive(
-                    sorted_proxies, return_inverse=True, return_counts=True
-                )
-                row_starts = F.pad(counts.cumsum(0), (1, 0))
-                row_proxies, row_norms = proxies[rows], norms[rows]
-            else:
-                entry_rows = sorted_proxies
-                boundaries = torch.arange(num_proxies + 1, device=grad.device)
-                row_starts = torch.searchsorted(sorted_proxies, boundaries)
-                row_proxies, row_norms = proxies, norms
+            order, rows, entry_rows, row_starts = _proxy_gradient_layout(
+                flat_indices, num_proxies, ctx.sparse_proxy_grad
+            )
+            row_proxies, row_norms = (
+                (proxies, norms) if rows is None else (proxies[rows], norms[rows])
+            )
             # A_j / |p_j|, then minus c_j p_j / |p_j|^2: one pass over the (rows, d) result,
             # in place, because at a million proxies every (rows, d) temporary is gigabytes.
             grad_rows = _weighted_bag_sums(row_starts, order // k, scaled[order], embeddings)
@@ -275,16 +365,7 @@ class _KeptSimilarities(torch.autograd.Function):
             # F.normalize's clamp: below NORM_EPS the map is p / eps, with no radial term.
             radial = torch.where(row_norms > NORM_EPS, radial / row_norms.square(), 0)
             grad_rows.addcmul_(radial.unsqueeze(1), row_proxies, value=-1)
-            grad_proxies = grad_rows
-            if ctx.sparse_proxy_grad:
-                grad_proxies = torch.sparse_coo_tensor(
-                    rows.unsqueeze(0),
-                    grad_rows,
-                    proxies.shape,
-                    device=grad_rows.device,
-                    is_coalesced=True,
-                    check_invariants=False,
-                )
+            grad_proxies = _proxy_gradient(grad_rows, rows, proxies.shape)
         return grad_embeddings, grad_proxies, None, None, None
 
 
@@ -409,21 +490,64 @@ def _regularizer_blocks(
     return total, grad_anchors, grad_class_sums
 
 
+def _differentiable_regularizer_gradients(
+    anchors: torch.Tensor,
+    class_sums: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    rows_per_block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_regularizer_blocks``'s gradients as a graph of the anchors and class sums.
+
+    With R = softmax(A U^T) - one_hot (per block of anchors A): d/dA = R U and
+    d/dU = sum over blocks of R^T A, from out-of-place ops, for a double backward.
+    """
+    grad_anchors, grad_class_sums = [], torch.zeros_like(class_sums)
+    for start in range(0, len(anchors), rows_per_block):
+        block = anchors[start : start + rows_per_block]
+        classes = anchor_classes[start : start + rows_per_block].unsqueeze(1)
+        probabilities = torch.softmax(block @ class_sums.T, dim=1)
+        residual = probabilities.scatter_add(
+            1, classes, probabilities.new_full(classes.shape, -1.0)
+        )
+        grad_anchors.append(residual @ class_sums)
+        grad_class_sums = grad_class_sums + residual.T @ block
+    return torch.cat(grad_anchors), grad_class_sums
+
+
 class _ProxyRegularizerSum(torch.autograd.Function):
-    """The regulariser's summed cross-entropy, with gradients computed in forward."""
+    """The regulariser's summed cross-entropy T, with gradients computed in forward.
+
+    T = sum_a [logsumexp_c(a . U_c) - a . U_class(a)] has dT/dA = R U and dT/dU = R^T A,
+    R = softmax(A U^T) - one_hot. The fused forward keeps both; a recorded backward
+    (``create_graph=True``) recomputes them from A and U instead, so that their own
+    derivatives (through the softmax) reach the graph: T is twice differentiable.
+    """
 
     @staticmethod
-    def forward(ctx, anchors, class_sums, anchor_classes, rows_per_block):
-        total, grad_anchors, grad_class_sums = _regularizer_blocks(
+    def forward(anchors, class_sums, anchor_classes, rows_per_block):
+        return _regularizer_blocks(
             anchors, class_sums, anchor_classes, rows_per_block, with_gradients=True
         )
-        ctx.save_for_backward(grad_anchors, grad_class_sums)
-        return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        grad_anchors, grad_class_sums = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        anchors, class_sums, anchor_classes, ctx.rows_per_block = inputs
+        _, grad_anchors, grad_class_sums = output
+        ctx.mark_non_differentiable(grad_anchors, grad_class_sums)
+        ctx.set_materialize_grads(False)  # no zero gradients for those two
+        ctx.save_for_backward(anchors, class_sums, anchor_classes, grad_anchors, grad_class_sums)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_anchors, _grad_class_sums):
+        if grad is None:  # grads are not materialised: nothing flows into T
+            return None, None, None, None
+        anchors, class_sums, anchor_classes, grad_anchors, grad_class_sums = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(
+            tensor.requires_grad for tensor in (grad, anchors, class_sums)
+        ):
+            grad_anchors, grad_class_sums = _differentiable_regularizer_gradients(
+                anchors, class_sums, anchor_classes, ctx.rows_per_block
+            )
         return grad_anchors * grad, grad_class_sums * grad, None, None
 
 
@@ -441,7 +565,10 @@ def regularizer_sum(
     """
     rows_per_block = max(1, block_elements // len(class_sums))
     if torch.is_grad_enabled() and (anchors.requires_grad or class_sums.requires_grad):
-        return _ProxyRegularizerSum.apply(anchors, class_sums, anchor_classes, rows_per_block)
+        summed, _, _ = _ProxyRegularizerSum.apply(
+            anchors, class_sums, anchor_classes, rows_per_block
+        )
+        return summed
     summed, _, _ = _regularizer_blocks(
         anchors, class_sums, anchor_classes, rows_per_block, with_gradients=False
     )
