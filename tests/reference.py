@@ -18,8 +18,13 @@ def dense_official_loss(
     proxies_per_class: int,
     k: int,
     weight_lambda: float,
+    kept: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Official forward on embeddings as given (no normalisation) and raw (CN, d) proxies."""
+    """Official forward on embeddings as given (no normalisation) and raw (CN, d) proxies.
+
+    ``kept``: the (B, k) proxies an implementation kept, used when they are a top k (see
+    ``selection_mask``), so that tied similarities can be compared at all.
+    """
     num_proxies = proxy_rows.shape[0]
     num_classes = num_proxies // proxies_per_class
     dtype = embeddings.dtype
@@ -28,8 +33,7 @@ def dense_official_loss(
     centers = F.normalize(proxy_rows, p=2, dim=1)
     similarity = embeddings @ centers.T
     positive = (labels[:, None] == proxy_classes[None]).to(dtype)
-    topk = torch.topk(similarity + 1000 * positive, k, dim=1).indices
-    selected = torch.zeros_like(similarity).scatter(1, topk, 1.0)
+    selected = selection_mask(similarity + 1000 * positive, k, kept)
     logits = (similarity * selected) @ proxy_one_hot
     mask = (logits != 0).to(dtype)
     exp = torch.exp(logits) * mask
@@ -38,13 +42,52 @@ def dense_official_loss(
     loss_cls = torch.mean(torch.sum(-target * torch.log(prob + 1e-20), dim=1))
     total = loss_cls
     if weight_lambda > 0:  # as the official code, which skips the (CN, CN) work otherwise
-        center_logits = (centers @ centers.T) @ proxy_one_hot
-        total = loss_cls + weight_lambda * F.cross_entropy(center_logits, proxy_classes)
+        total = loss_cls + weight_lambda * dense_proxy_regularizer(centers, proxies_per_class)
     return {
         "loss_total": total,
         "loss_cls": loss_cls,
         "logits": logits,
         "logits_mask": mask,
         "prob": prob,
-        "topk_indices": topk.sort(dim=1).values,
+        "topk_indices": selected.nonzero()[:, 1].view(-1, k),
     }
+
+
+# Scores this close count as tied: the implementation's rounding may order them either way.
+SELECTION_TOLERANCE = 1e-9
+
+
+def selection_mask(
+    scores: torch.Tensor,
+    k: int,
+    kept: torch.Tensor | None = None,
+    tolerance: float = SELECTION_TOLERANCE,
+) -> torch.Tensor:
+    """(B, CN) 0/1 mask of the k highest ``scores`` of each row.
+
+    With ties at the k-th place several sets are a top k. ``kept`` (B, k) is one if each
+    row holds k distinct columns and no column left out scores above a kept one (beyond
+    ``tolerance``); it is then the selection, else an AssertionError. Without ``kept``,
+    ``torch.topk`` chooses.
+    """
+    if kept is None:
+        kept = torch.topk(scores, k, dim=1).indices
+    selected = torch.zeros_like(scores).scatter(1, kept, 1.0)
+    assert bool((selected.sum(dim=1) == k).all()), "kept columns repeat within a row"
+    lowest_kept = scores.masked_fill(selected == 0, float("inf")).amin(dim=1)
+    highest_left = scores.masked_fill(selected == 1, float("-inf")).amax(dim=1)
+    assert bool((highest_left <= lowest_kept + tolerance).all()), "kept columns are no top k"
+    return selected
+
+
+def dense_proxy_regularizer(
+    centers: torch.Tensor, proxies_per_class: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L^p: mean over proxies (``rows`` only, if given) of CE((P P^T) one_hot, class)."""
+    num_proxies = centers.shape[0]
+    proxy_classes = torch.arange(num_proxies) // proxies_per_class
+    proxy_one_hot = F.one_hot(proxy_classes, num_proxies // proxies_per_class).to(centers.dtype)
+    if rows is None:
+        rows = torch.arange(num_proxies)
+    center_logits = (centers[rows] @ centers.T) @ proxy_one_hot
+    return F.cross_entropy(center_logits, proxy_classes[rows])
