@@ -30,7 +30,7 @@ def dense_official_loss(
     dtype = embeddings.dtype
     proxy_classes = torch.arange(num_proxies) // proxies_per_class
     proxy_one_hot = (proxy_classes[:, None] == torch.arange(num_classes)[None]).to(dtype)
-    centers = F.normalize(proxy_rows, p=2, dim=1)
+    centers = normalize_rows(proxy_rows)
     similarity = embeddings @ centers.T
     positive = (labels[:, None] == proxy_classes[None]).to(dtype)
     selected = selection_mask(similarity + 1000 * positive, k, kept)
@@ -51,6 +51,13 @@ def dense_official_loss(
         "prob": prob,
         "topk_indices": selected.nonzero()[:, 1].view(-1, k),
     }
+
+
+def normalize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(rows, dim=1)``: rows / max(|row|, 1e-12), written as
+    rows / sqrt(max(|row|^2, 1e-24)), the same function whose second derivative at a zero
+    row is defined (``F.normalize``'s is NaN there: it differentiates the norm at 0)."""
+    return rows / (rows * rows).sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
 # Scores this close count as tied: the implementation's rounding may order them either way.

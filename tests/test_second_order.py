@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
-from tests.reference import dense_official_loss
+from tests.reference import dense_official_loss, normalize_rows
 
 # The issue's case: 3 classes x 2 proxies, d = 4, k = 3 (both positives and one negative).
 NUM_CLASSES, DIM, PROXIES_PER_CLASS, TOP_K = 3, 4, 2, 3
@@ -109,13 +109,8 @@ def hessian(function, inputs):
 
 
 def plain_kept_similarities(x, p, indices):
-    """The kept similarities by plain autograd ops, as the Function's reference.
-
-    ``F.normalize``'s divisor, max(|p|, 1e-12), as sqrt(max(|p|^2, 1e-24)): the same function,
-    whose second derivative at p = 0 is not NaN (the square root is never differentiated at 0).
-    """
-    squared_norms = (p * p).sum(dim=1, keepdim=True).clamp_min(gml.NORM_EPS**2)
-    return ((p / squared_norms.sqrt())[indices] * x.unsqueeze(1)).sum(-1)
+    """The kept similarities by plain autograd ops, as the Function's reference."""
+    return (normalize_rows(p)[indices] * x.unsqueeze(1)).sum(-1)
 
 
 def kept_case(with_zero_proxy=False):
