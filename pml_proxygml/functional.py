@@ -382,6 +382,7 @@ def kept_similarities(
     normalisation) only through the B * k kept entries. With ``sparse_proxy_grad`` the
     proxies' gradient is a sparse COO tensor holding only the rows some sample kept
     (for ``torch.optim.SparseAdam``); otherwise it is dense, zero in untouched rows.
+    Differentiable twice (Hessian-vector products, ``torch.func.grad``), sparse or not.
     """
     return _KeptSimilarities.apply(embeddings, proxies, indices, similarities, sparse_proxy_grad)
 
@@ -560,8 +561,8 @@ def regularizer_sum(
     """Sum over anchors of CE(anchor . class_sums^T, anchor's class), block by block.
 
     The building block of ``proxy_regularizer`` (and of its sharded version): when a
-    gradient is needed it is computed in the same pass, keeping one (anchors, d) and one
-    (C, d) tensor for backward.
+    gradient is needed it is computed in the same pass, keeping the anchors, the class
+    sums and their gradients for backward (the inputs for a possible double backward).
     """
     rows_per_block = max(1, block_elements // len(class_sums))
     if torch.is_grad_enabled() and (anchors.requires_grad or class_sums.requires_grad):

@@ -39,8 +39,10 @@ def issue_case(weight_lambda, sparse_proxy_grad, seed=0, **kwargs):
         **kwargs,
     ).double()
     x = torch.randn(len(LABELS), DIM, generator=generator(seed), dtype=torch.float64)
-    p = torch.randn(NUM_CLASSES * PROXIES_PER_CLASS, DIM, generator=generator(seed + 1))
-    return loss_fn, x.requires_grad_(), p.double().requires_grad_()
+    p = torch.randn(
+        NUM_CLASSES * PROXIES_PER_CLASS, DIM, generator=generator(seed + 1), dtype=torch.float64
+    )
+    return loss_fn, x.requires_grad_(), p.requires_grad_()
 
 
 def loss_of(loss_fn, labels=LABELS):
