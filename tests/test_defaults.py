@@ -7,7 +7,6 @@ import torch
 from pytorch_metric_learning import losses, trainers
 
 from pml_proxygml import ProxyGMLLoss  # and registers losses.ProxyGMLLoss
-from pml_proxygml.losses.proxy_gml_loss import default_top_k
 
 CUB_CARS_SOP = [(100, 12), (98, 12), (11318, 1)]
 
@@ -27,7 +26,7 @@ def test_explicit_r_keeps_the_official_rounding(num_classes, proxies_per_class, 
 def test_default_k_keeps_other_classes_and_is_official_from_40_classes():
     for per_class in (1, 2, 3, 12):
         for classes in range(1, 200):
-            k = default_top_k(classes, per_class)
+            k = ProxyGMLLoss(classes, 4, per_class, weight_lambda=0).top_k
             official = math.ceil(0.05 * classes * per_class)
             assert k == min(max(official, 2 * per_class), classes * per_class)
             if classes >= 2:
