@@ -58,17 +58,6 @@ def synthetic_classes(num_classes: int, generator: torch.Generator):
     return torch.cat([signal, noise], dim=1), labels
 
 
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, data, labels):
-        self.data, self.labels = data, labels
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, index):
-        return self.data[index], self.labels[index]
-
-
 def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     unit = torch.nn.functional.normalize(embeddings, dim=1)
     similarities = unit @ unit.T
@@ -106,7 +95,7 @@ def test_literal_swap_learns_with_five_classes_in_pmls_trainer():
         },
         batch_size=32,
         loss_funcs={"metric_loss": loss_func},
-        dataset=_Pairs(train_data, train_labels),
+        dataset=torch.utils.data.TensorDataset(train_data, train_labels),
         dataloader_num_workers=0,
         end_of_iteration_hook=lambda t: step_losses.append(t.losses["metric_loss"].item()),
         end_of_epoch_hook=end_of_epoch,

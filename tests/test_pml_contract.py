@@ -322,17 +322,6 @@ def test_distributed_loss_wrapper_single_process(batch, tmp_path):
         dist.destroy_process_group()
 
 
-class _ArrayDataset(torch.utils.data.Dataset):
-    def __init__(self, data, labels):
-        self.data, self.labels = data, labels
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, index):
-        return self.data[index], self.labels[index]
-
-
 def test_metric_loss_only_trainer_moves_the_proxies():
     torch.manual_seed(0)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(8)
@@ -350,7 +339,7 @@ def test_metric_loss_only_trainer_moves_the_proxies():
         },
         batch_size=16,
         loss_funcs={"metric_loss": loss_fn},
-        dataset=_ArrayDataset(data, labels),
+        dataset=torch.utils.data.TensorDataset(data, labels),
         dataloader_num_workers=0,
         end_of_iteration_hook=lambda t: losses.append(t.losses["metric_loss"].item()),
     )

@@ -30,7 +30,7 @@ def default_top_k(num_classes: int, proxies_per_class: int) -> int:
 
     The official rounding keeps ``ceil(0.05 * C * N)`` proxies, no more than the sample's own
     N up to 20 classes: no other class enters the sub-graph and the loss is ~0 from the first
-    step. At least 2 * N keeps as many proxies of other classes as of the sample's own. Both
+    step. At least 2 * N keeps the sample's N own proxies and N of other classes. Both
     agree whenever ``0.05 * C * N > 2 * N - 1``, so from 40 classes up (CUB, Cars and SOP
     keep their official k); never more than C * N.
     """
@@ -75,7 +75,8 @@ def check_layout(saved: Mapping[str, Any] | None, expected: Mapping[str, Any], h
 
 
 def _check_input_types(embeddings, labels) -> None:
-    """TypeErrors for what PML's forward would fail on with an AttributeError."""
+    """Errors naming the argument where PML's forward fails with an AttributeError or
+    IndexError (a list or numpy array of labels, 0-d labels)."""
     if not torch.is_tensor(embeddings):
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if labels is None:
