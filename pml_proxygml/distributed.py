@@ -17,22 +17,85 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 from torch.nn.parallel import DistributedDataParallel
 
 from . import functional as gml
 from .losses import ProxyGMLLoss
+from .losses.proxy_gml_loss import check_layout
 
 # torch 2.13 renamed the tensor collectives (the old names warn); torch < 2.13 has only those.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# ----------------------------------------------------------------------------------------
+# What every rank passes, checked before the collectives that depend on it
+
+# Every dtype torch knows, in a fixed order: a dtype crosses ranks as its position.
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+class _TensorDescription(NamedTuple):
+    """A tensor argument as integers; ndim -1 when it is not a tensor (or None)."""
+
+    ndim: int = -1
+    numel: int = -1
+    rows: int = -1
+    width: int = -1
+    dtype: int = -1
+
+    @classmethod
+    def of(cls, value: Any) -> _TensorDescription:
+        if not torch.is_tensor(value):
+            return cls()
+        shape = (*value.shape, -1, -1)
+        return cls(value.ndim, value.numel(), shape[0], shape[1], _DTYPES.index(value.dtype))
+
+    def __str__(self) -> str:
+        if self.ndim < 0:
+            return "not a tensor"
+        rows, width = self.rows, self.width
+        shape = {0: "()", 1: f"({rows},)", 2: f"({rows}, {width})"}.get(
+            self.ndim, f"({rows}, {width}, ...)"
+        )
+        return f"{str(_DTYPES[self.dtype]).replace('torch.', '')} {shape}"
+
+
+class _RankInputs(NamedTuple):
+    embeddings: _TensorDescription
+    labels: _TensorDescription
+
+    def __str__(self) -> str:
+        return f"embeddings {self.embeddings}, labels {self.labels}"
+
+
+def _inputs_of_every_rank(
+    embeddings: Any, labels: Any, device: torch.device, group: Any
+) -> list[_RankInputs]:
+    """Shapes and dtypes of every rank's embeddings and labels: one small all-gather."""
+    mine = [*_TensorDescription.of(embeddings), *_TensorDescription.of(labels)]
+    world_size = dist.get_world_size(group)
+    gathered = _all_gather_rows(torch.tensor([mine], device=device), [1] * world_size, group)
+    half = len(_TensorDescription._fields)
+    return [
+        _RankInputs(_TensorDescription(*row[:half]), _TensorDescription(*row[half:]))
+        for row in gathered.tolist()
+    ]
+
+
+def _by_rank(inputs: Sequence[_RankInputs]) -> str:
+    """Each distinct description with the ranks that passed it."""
+    ranks: dict[_RankInputs, list[int]] = {}
+    for rank, each in enumerate(inputs):
+        ranks.setdefault(each, []).append(rank)
+    return "; ".join(f"ranks {which}: {each}" for each, which in ranks.items())
+
 
 # ----------------------------------------------------------------------------------------
 # Data parallel
@@ -45,6 +108,27 @@ def _mean_over_ranks_divided_by_world_size(process_group, bucket):
     gradients = bucket.buffer().div_(world_size * world_size)
     future = dist.all_reduce(gradients, group=group, async_op=True).get_future()
     return future.then(lambda done: done.value()[0])
+
+
+class _SameInputsLossWrapper(DistributedLossWrapper):
+    """PML's ``DistributedLossWrapper``, checking first that its gather can work.
+
+    The gather needs embeddings and labels of one shape and dtype on every rank; otherwise
+    the collective aborts every process. The shapes and dtypes are exchanged first (one small
+    all-gather over the default group, as PML's gather), so every rank raises the same
+    ValueError instead, before anything else happens.
+    """
+
+    def forward(self, embeddings, labels=None, *args, **kwargs):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = next(self.parameters()).device
+            inputs = _inputs_of_every_rank(embeddings, labels, device, group=None)
+            if len(set(inputs)) > 1:
+                raise ValueError(
+                    "data_parallel_loss needs embeddings and labels of the same shape and "
+                    f"dtype on every rank, got {_by_rank(inputs)}"
+                )
+        return super().forward(embeddings, labels, *args, **kwargs)
 
 
 def data_parallel_loss(
@@ -72,8 +156,10 @@ def data_parallel_loss(
     model (in DDP) gets exactly the single-process gradient, and the proxies get exactly the
     single-process gradient, bit-identical on all ranks, so they stay identical.
 
-    Every rank must pass the same number of samples (PML's gather) and call ``backward``. Put
-    the loss on its device before wrapping it. Works for any PML loss with parameters, except
+    Every rank must pass embeddings and labels of the same shape and dtype (PML's gather:
+    checked first, with a ValueError on every rank otherwise, at the cost of one small
+    all-gather and host sync per call) and call ``backward``. Put the loss on its device
+    before wrapping it. Works for any PML loss with parameters, except
     ``sparse_proxy_grad=True`` (DDP expects dense gradients outside ``nn.Embedding``; the
     sharded mode supports it).
 
@@ -86,7 +172,7 @@ def data_parallel_loss(
     if getattr(loss, "sparse_proxy_grad", False):
         raise ValueError("data_parallel_loss needs dense proxy gradients (sparse_proxy_grad=False)")
     wrapped = DistributedDataParallel(
-        DistributedLossWrapper(loss, efficient=False), process_group=process_group, **ddp_kwargs
+        _SameInputsLossWrapper(loss, efficient=False), process_group=process_group, **ddp_kwargs
     )
     wrapped.register_comm_hook(process_group, _mean_over_ranks_divided_by_world_size)
     return wrapped
@@ -124,16 +210,6 @@ def reshard_rows(
     ]
 
 
-def _shard_layout(num_classes: int, proxies_per_class: int, world_size: int, rank: int) -> dict:
-    """What a shard's ``state_dict`` records about the layout it belongs to."""
-    return {
-        "num_classes": num_classes,
-        "proxies_per_class": proxies_per_class,
-        "world_size": world_size,
-        "rank": rank,
-    }
-
-
 def reshard_state_dicts(
     states: Sequence[Mapping[str, Any]], world_size: int
 ) -> list[dict[str, Any]]:
@@ -142,17 +218,18 @@ def reshard_state_dicts(
     Runs offline (no process group): load each rank's saved shard, convert, and let rank r of
     the new run ``load_state_dict(result[r])``.
     """
-    layouts = [state["_extra_state"] for state in states]
-    num_classes, per_class = layouts[0]["num_classes"], layouts[0]["proxies_per_class"]
-    expected = [_shard_layout(num_classes, per_class, len(states), r) for r in range(len(states))]
-    if layouts != expected:
+    layouts = [dict(state["_extra_state"]) for state in states]
+    run = {key: value for key, value in layouts[0].items() if key not in ("world_size", "rank")}
+    if layouts != [{**run, "world_size": len(states), "rank": r} for r in range(len(states))]:
         raise ValueError(
             "reshard_state_dicts needs the shards of every rank of one run, in rank order; "
             f"got layouts {layouts}"
         )
-    shards = reshard_rows([state["proxies"] for state in states], per_class, world_size)
+    shards = reshard_rows(
+        [state["proxies"] for state in states], run["proxies_per_class"], world_size
+    )
     return [
-        {"proxies": shard, "_extra_state": _shard_layout(num_classes, per_class, world_size, r)}
+        {"proxies": shard, "_extra_state": {**run, "world_size": world_size, "rank": r}}
         for r, shard in enumerate(shards)
     ]
 
@@ -211,10 +288,6 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def _leave_uninitialised(tensor: torch.Tensor) -> None:
-    """The initialisation of ProxyGMLLoss's placeholder proxies: they are replaced."""
-
-
 # ----------------------------------------------------------------------------------------
 # Sharded proxies: the loss
 
@@ -224,19 +297,22 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
 
     Rank r owns the proxies of classes ``class_ranges(C, W)[r]`` (its ``proxies`` parameter,
     ``(C_r * N, d)``), so proxy memory and selection work per rank follow C / W. Each rank
-    passes its own embeddings and labels (ranks may pass different numbers of rows); the
-    loss gathers them (differentiably) and computes, on every rank, exactly the loss of
-    ``ProxyGMLLoss`` on the whole batch in rank order:
+    passes its own embeddings and labels (ranks may pass different numbers of rows, of one
+    dtype); the loss gathers them (differentiably) and computes, on every rank, exactly the
+    loss of ``ProxyGMLLoss`` on the whole batch in rank order. It is ``ProxyGMLLoss`` with
+    these hooks overridden:
 
-    1. every rank takes the top-k of the gathered batch over its shard (positives first for
-       the samples whose class it owns) and the candidates are all-gathered;
-    2. the global top-k is merged from them, positives first, ties towards the lower proxy
-       index, identically on every rank;
-    3. every rank builds the class logits, masked softmax and cross-entropy of the whole
-       batch from the merged similarities (``functional`` as in ``ProxyGMLLoss``), with a
-       gradient through the kept entries it owns only;
-    4. the regulariser gathers the (C, d) class sums, each rank sums the cross-entropy of its
-       own proxies, and the sums are all-reduced.
+    * ``_create_proxies`` / ``_layout``: this rank's shard, and a layout that names the world
+      size and rank;
+    * ``_select``: every rank takes the top-k of the gathered batch over its shard (positives
+      first for the samples whose class it owns), the candidates are all-gathered and the
+      global top-k is merged from them, positives first, ties towards the lower proxy index,
+      identically on every rank;
+    * ``_kept_similarities``: the merged similarities, with a gradient through the kept
+      entries this rank owns only; class logits, masked softmax and cross-entropy of the
+      whole batch then follow on every rank as in ``ProxyGMLLoss``;
+    * ``_proxy_regularization``: the (C, d) class sums are gathered, each rank sums the
+      cross-entropy of its own proxies, and the sums are all-reduced.
 
     Gradients: each rank's ``proxies`` get exactly the single-process gradient of their rows.
     Each rank's embeddings get W times their single-process gradient, as under PML's
@@ -258,47 +334,32 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
     single-process ``ProxyGMLLoss``.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_size: int,
-        proxies_per_class: int = 12,
-        r: float = 0.05,
-        top_k: int | None = None,
-        weight_lambda: float = 0.3,
-        process_group: Any = None,
-        **kwargs: Any,
-    ):
-        for name in ("regularizer_samples", "weight_regularizer"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"ShardedProxyGMLLoss does not support {name}")
+    _LAYOUT_HINT = "; convert the shards with reshard_state_dicts"
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any):
         if not dist.is_initialized():
             raise RuntimeError("ShardedProxyGMLLoss needs torch.distributed to be initialised")
-        init = kwargs.pop("weight_init_func", None)
-        # ProxyGMLLoss validates the arguments and allocates all C * N proxies: on the meta
-        # device that costs no memory, and this rank's shard replaces them below.
-        with torch.device("meta"):
-            super().__init__(
-                num_classes,
-                embedding_size,
-                proxies_per_class,
-                r,
-                top_k,
-                weight_lambda,
-                weight_init_func=_leave_uninitialised,
-                **kwargs,
-            )
-        self.weight_init_func = self._official_uniform_init if init is None else init
+        # Read by _create_proxies, which ProxyGMLLoss.__init__ calls.
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
+        super().__init__(*args, **kwargs)
+        for name in ("regularizer_samples", "weight_regularizer"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"ShardedProxyGMLLoss does not support {name}")
+
+    def _create_proxies(self) -> torch.nn.Parameter:
+        """This rank's (C_r * N, d) rows of the proxies."""
         ranges = class_ranges(self.num_classes, self.world_size)
         self.class_start, self.class_stop = ranges[self.rank]
         self.shard_sizes = [(stop - start) * self.proxies_per_class for start, stop in ranges]
-        self.proxies = torch.nn.Parameter(
-            torch.empty(self.shard_sizes[self.rank], self.embedding_size)
-        )
-        self.weight_init_func(self.proxies)
+        return torch.nn.Parameter(torch.empty(self.shard_sizes[self.rank], self.embedding_size))
+
+    def _layout(self) -> dict[str, int]:
+        return {**super()._layout(), "world_size": self.world_size, "rank": self.rank}
+
+    def get_default_weight_init_func(self):
+        return self._official_uniform_init
 
     def _official_uniform_init(self, proxies: torch.Tensor) -> None:
         """U(-1/sqrt(CN), 1/sqrt(CN)) with the total CN, the scale of the unsharded loss.
@@ -322,62 +383,38 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
                 "ShardedProxyGMLLoss takes embeddings and labels only (no indices_tuple, "
                 "ref_emb or ref_labels)"
             )
-        c_f.labels_required(labels)
-        embeddings, labels = self._gather_batch(embeddings, labels.to(embeddings.device))
-        return super().forward(embeddings, labels)
+        return super().forward(*self._gather_batch(embeddings, labels))
 
-    def _gather_batch(
-        self, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_batch(self, embeddings: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's embeddings (differentiably) and labels, in rank order.
 
-        Shapes are exchanged first, so a bad shape on any rank raises on every rank instead
-        of leaving the others waiting in a collective.
+        Shapes and dtypes are exchanged first, so a bad shape or a dtype that differs between
+        ranks raises the same ValueError on every rank instead of leaving the others waiting
+        in a collective, or reinterpreting one rank's bytes as another dtype.
         """
-        width = embeddings.shape[1] if embeddings.ndim == 2 else -1
-        shape = torch.tensor([[len(embeddings), width, labels.numel()]], device=labels.device)
-        shapes = _all_gather_rows(shape, [1] * self.world_size, self.process_group).tolist()
-        bad = [
-            r
-            for r, (rows, dim, count) in enumerate(shapes)
-            if (dim, count) != (self.embedding_size, rows)
-        ]
-        if bad:
+        inputs = _inputs_of_every_rank(embeddings, labels, self.proxies.device, self.process_group)
+        shapes_fit = all(
+            (each.embeddings.ndim, each.embeddings.width, each.labels.numel)
+            == (2, self.embedding_size, each.embeddings.rows)
+            for each in inputs
+        )
+        one_dtype = all(
+            (each.embeddings.dtype, each.labels.dtype)
+            == (inputs[0].embeddings.dtype, inputs[0].labels.dtype)
+            for each in inputs
+        )
+        if not (shapes_fit and one_dtype):
             raise ValueError(
                 f"every rank must pass embeddings of shape (batch_size, {self.embedding_size}) "
-                f"and one label per row; (rows, dim, labels) of ranks {bad}: "
-                f"{[shapes[r] for r in bad]}"
+                "and one label per row, each of one dtype on every rank; got "
+                f"{_by_rank(inputs)}"
             )
-        sizes = [rows for rows, _, _ in shapes]
+        sizes = [each.embeddings.rows for each in inputs]
         if sum(sizes) == 0:
             raise ValueError("embeddings is an empty batch on every rank")
         gathered = _GatherRows.apply(embeddings, sizes, self.process_group)
-        return gathered, _all_gather_rows(labels.reshape(-1), sizes, self.process_group)
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        self._validate(embeddings, labels)
-        with gml.full_precision(embeddings.device):
-            x, proxies = self._inputs_in_compute_dtype(embeddings)
-            indices, values = self._select(x, proxies, labels)
-            kept = self._kept_similarities(x, proxies, indices, values)
-            per_sample, present = gml.subgraph_loss(
-                kept,
-                indices // self.proxies_per_class,
-                labels,
-                classes_are_distinct=self.proxies_per_class == 1,
-            )
-            loss_dict = {
-                "loss": {
-                    "losses": per_sample,
-                    "indices": c_f.torch_arange_from_size(embeddings),
-                    "reduction_type": "element",
-                    "divisor": len(embeddings),
-                },
-                "proxy_reg_loss": self._proxy_regularization(proxies),
-            }
-            if self.collect_stats:
-                self.avg_classes_per_subgraph = present.sum(dim=1).float().mean().item()
-        return loss_dict
+        labels = labels.reshape(-1).to(embeddings.device)
+        return gathered, _all_gather_rows(labels, sizes, self.process_group)
 
     @torch.no_grad()
     def _select(
@@ -477,28 +514,14 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
 
     # -- checkpoints -------------------------------------------------------------------
 
-    def get_extra_state(self) -> dict:
-        return _shard_layout(self.num_classes, self.proxies_per_class, self.world_size, self.rank)
-
-    def set_extra_state(self, state: dict) -> None:
-        """Nothing to set: the layout is fixed at construction and checked before loading."""
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        saved = state_dict.get(prefix + "_extra_state")
-        if saved is not None and saved != self.get_extra_state():
-            raise ValueError(
-                f"this checkpoint shard has layout {saved}, this loss {self.get_extra_state()}; "
-                "convert the shards with reshard_state_dicts"
-            )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self) -> dict[str, Any]:
         """The state of a ``ProxyGMLLoss`` with all C * N proxies (a collective: every rank)."""
         gathered = _all_gather_rows(self.proxies.detach(), self.shard_sizes, self.process_group)
-        return {"proxies": gathered}
+        return {"proxies": gathered, "_extra_state": super()._layout()}
 
-    def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_full_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load this rank's rows of a ``ProxyGMLLoss`` state (or of ``full_state_dict()``)."""
+        check_layout(state.get("_extra_state"), super()._layout(), "")
         full = state["proxies"]
         expected = (self.num_classes * self.proxies_per_class, self.embedding_size)
         if tuple(full.shape) != expected:

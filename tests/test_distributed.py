@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -527,6 +528,114 @@ def test_ddp_model_with_sharded_proxies_and_resharded_checkpoint(tmp_path):
     for result in four:
         assert_close(result["after"], after)
         assert result["refused_wrong_shard"]
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs that differ between ranks: the same ValueError on every rank, then a working step
+
+MISMATCH = {"num_classes": 7, "embedding_size": 8, "proxies_per_class": 3, "top_k": 5}
+
+
+def mismatch_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(300 + rank)
+    embeddings = torch.randn(6, MISMATCH["embedding_size"], generator=generator)
+    labels = torch.randint(MISMATCH["num_classes"], (6,), generator=generator)
+    return embeddings.double(), labels
+
+
+def mismatched_inputs(rank: int) -> dict:
+    """What rank 1 passes differently from rank 0, by name."""
+    embeddings, labels = mismatch_batch(rank)
+    other = rank == 1
+    return {
+        "unequal_batch_sizes": (embeddings[: 6 - rank], labels[: 6 - rank]),
+        "embedding_dtypes": (embeddings.float() if other else embeddings, labels),
+        "label_dtypes": (embeddings, labels.int() if other else labels),
+        "labels_not_a_tensor": (embeddings, labels.tolist() if other else labels),
+    }
+
+
+MISMATCH_CASES = [
+    ("data_parallel", "unequal_batch_sizes", r"ranks \[1\]: embeddings float64 \(5, 8\)"),
+    ("data_parallel", "embedding_dtypes", r"ranks \[1\]: embeddings float32 \(6, 8\)"),
+    ("data_parallel", "label_dtypes", r"ranks \[1\]: .*labels int32 \(6,\)"),
+    ("sharded", "embedding_dtypes", r"ranks \[1\]: embeddings float32 \(6, 8\)"),
+    ("sharded", "label_dtypes", r"ranks \[1\]: .*labels int32 \(6,\)"),
+    ("sharded", "labels_not_a_tensor", r"ranks \[1\]: .*labels not a tensor"),
+]
+MISMATCH_MESSAGES = {
+    "data_parallel": "data_parallel_loss needs embeddings and labels of the same shape and dtype",
+    "sharded": r"every rank must pass embeddings of shape \(batch_size, 8\) and one label per row",
+}
+
+
+def _mismatch_worker(rank, world_size):
+    torch.manual_seed(0)
+    losses = {
+        "data_parallel": ProxyGMLLoss(**MISMATCH).double(),
+        "sharded": ShardedProxyGMLLoss(**MISMATCH).double(),
+    }
+    losses["sharded"].load_full_state_dict({"proxies": mismatch_proxies()})
+    with torch.no_grad():
+        losses["data_parallel"].proxies.copy_(mismatch_proxies())
+    loss_fns = {**losses, "data_parallel": data_parallel_loss(losses["data_parallel"])}
+    before = {mode: loss.proxies.detach().clone() for mode, loss in losses.items()}
+    errors = []
+    for mode, name, _ in MISMATCH_CASES:
+        try:
+            loss_fns[mode](*mismatched_inputs(rank)[name])
+            errors.append(None)
+        except ValueError as error:
+            errors.append(str(error))
+    unchanged = all(
+        torch.equal(loss.proxies, before[mode]) and loss.proxies.grad is None
+        for mode, loss in losses.items()
+    )
+    # The loss still works, on every rank, after the errors.
+    values = {}
+    for mode, loss_fn in loss_fns.items():
+        value = loss_fn(*mismatch_batch(rank))
+        value.backward()
+        values[mode] = value.detach()
+    return {"errors": errors, "unchanged": unchanged, "values": values}
+
+
+def mismatch_proxies() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(5)
+    rows = MISMATCH["num_classes"] * MISMATCH["proxies_per_class"]
+    return torch.randn(rows, MISMATCH["embedding_size"], generator=generator, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def mismatch_results(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("mismatch"), 2, _mismatch_worker)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "index", range(len(MISMATCH_CASES)), ids=[f"{m}-{n}" for m, n, _ in MISMATCH_CASES]
+)
+def test_inputs_that_differ_between_ranks_raise_the_same_error_everywhere(mismatch_results, index):
+    """No abort, no hang, no garbage labels: every rank raises one ValueError naming the
+    ranks and what they passed (and run_ranks saw every worker exit normally)."""
+    mode, _, detail = MISMATCH_CASES[index]
+    messages = [result["errors"][index] for result in mismatch_results]
+    assert messages[0] is not None and messages == [messages[0]] * len(messages)
+    assert re.search(MISMATCH_MESSAGES[mode], messages[0]), messages[0]
+    assert re.search(detail, messages[0]), messages[0]
+
+
+@pytest.mark.slow
+def test_nothing_changes_and_the_next_step_works_after_mismatched_inputs(mismatch_results):
+    assert all(result["unchanged"] for result in mismatch_results)
+    single = ProxyGMLLoss(**MISMATCH).double()
+    with torch.no_grad():
+        single.proxies.copy_(mismatch_proxies())
+    batches = [mismatch_batch(rank) for rank in range(len(mismatch_results))]
+    expected = single(*(torch.cat(parts) for parts in zip(*batches)))
+    for result in mismatch_results:
+        assert_close(result["values"]["data_parallel"] / len(mismatch_results), expected.detach())
+        assert_close(result["values"]["sharded"], expected.detach())
 
 
 # ----------------------------------------------------------------------------------------

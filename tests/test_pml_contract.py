@@ -62,13 +62,13 @@ def test_proxies_layout_and_official_init_scale():
 
 def test_defaults_are_the_official_cub_recipe():
     loss_fn = ProxyGMLLoss(100, 512)
-    assert (loss_fn.proxies_per_class, loss_fn.r, loss_fn.weight_lambda) == (12, 0.05, 0.3)
-    assert loss_fn.top_k == 60
+    assert (loss_fn.proxies_per_class, loss_fn.weight_lambda) == (12, 0.3)
+    assert loss_fn.r is None and loss_fn.top_k == 60 == ProxyGMLLoss(100, 512, r=0.05).top_k
 
 
 def test_warns_about_degenerate_k_and_costly_regularizer():
     with pytest.warns(UserWarning, match="no proxy of another class"):
-        ProxyGMLLoss(10, 8)  # k = ceil(0.05 * 120) = 6 < N = 12
+        ProxyGMLLoss(10, 8, r=0.05)  # k = ceil(0.05 * 120) = 6 < N = 12
     with pytest.warns(UserWarning, match="weight_lambda=0"):
         ProxyGMLLoss(20000, 512, proxies_per_class=1, r=0.001)
 
@@ -91,6 +91,20 @@ REDUCER_CASES = {
     ),
     "PerAnchorReducer": (reducers.PerAnchorReducer(), expected_mean),
 }
+
+
+@pytest.mark.parametrize("name", [*REDUCER_CASES, "ClassWeightedReducer"])
+def test_double_proxies_give_a_float64_loss_through_every_reducer(batch, name):
+    """float32 embeddings, .double() proxies: computed and returned in float64."""
+    embeddings, labels = batch
+    if name == "ClassWeightedReducer":
+        reducer = reducers.ClassWeightedReducer(torch.linspace(0.1, 2.0, NUM_CLASSES))
+    else:
+        reducer = REDUCER_CASES[name][0]
+    loss_fn = make_loss(reducer=reducer).double()
+    loss = loss_fn(embeddings, labels)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, loss_fn(embeddings.double(), labels), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(REDUCER_CASES))
@@ -277,7 +291,8 @@ def test_state_dict_to_deepcopy_pickle_and_torch_save(batch, tmp_path):
     loss_fn = make_loss()
     expected = loss_fn(*batch)
     state = loss_fn.state_dict()
-    assert list(state) == ["proxies"]
+    assert list(state) == ["proxies", "_extra_state"]
+    assert state["_extra_state"] == {"num_classes": 8, "proxies_per_class": 3, "embedding_size": 16}
     fresh = ProxyGMLLoss(NUM_CLASSES, DIM, proxies_per_class=3, r=0.25)
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(*batch), expected)
@@ -307,17 +322,6 @@ def test_distributed_loss_wrapper_single_process(batch, tmp_path):
         dist.destroy_process_group()
 
 
-class _ArrayDataset(torch.utils.data.Dataset):
-    def __init__(self, data, labels):
-        self.data, self.labels = data, labels
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, index):
-        return self.data[index], self.labels[index]
-
-
 def test_metric_loss_only_trainer_moves_the_proxies():
     torch.manual_seed(0)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(8)
@@ -335,7 +339,7 @@ def test_metric_loss_only_trainer_moves_the_proxies():
         },
         batch_size=16,
         loss_funcs={"metric_loss": loss_fn},
-        dataset=_ArrayDataset(data, labels),
+        dataset=torch.utils.data.TensorDataset(data, labels),
         dataloader_num_workers=0,
         end_of_iteration_hook=lambda t: losses.append(t.losses["metric_loss"].item()),
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,21 @@ from .. import functional as gml
 # Above this many multiply-adds per step the exact regulariser gets a warning.
 REGULARIZER_WARNING_FLOPS = 1e11
 
-LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+# The official r (CUB, Cars and SOP alike).
+OFFICIAL_R = 0.05
+
+
+def default_top_k(num_classes: int, proxies_per_class: int) -> int:
+    """k when neither ``r`` nor ``top_k`` is given: ``max(ceil(0.05 * C * N), 2 * N)``.
+
+    The official rounding keeps ``ceil(0.05 * C * N)`` proxies, no more than the sample's own
+    N up to 20 classes: no other class enters the sub-graph and the loss is ~0 from the first
+    step. At least 2 * N keeps the sample's N own proxies and N of other classes. Both
+    agree whenever ``0.05 * C * N > 2 * N - 1``, so from 40 classes up (CUB, Cars and SOP
+    keep their official k); never more than C * N.
+    """
+    official = gml.num_selected(OFFICIAL_R, num_classes, proxies_per_class)
+    return min(max(official, 2 * proxies_per_class), num_classes * proxies_per_class)
 
 
 def official_uniform_init(proxies: torch.Tensor) -> None:
@@ -29,9 +45,51 @@ def official_uniform_init(proxies: torch.Tensor) -> None:
         proxies.uniform_(-bound, bound)
 
 
+def _is_number(value) -> bool:
+    """A real number; ``True`` and ``False`` are flags, not numbers."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not (_is_number(value) and isinstance(value, numbers.Integral) and value >= 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_layout(saved: Mapping[str, Any] | None, expected: Mapping[str, Any], hint: str) -> None:
+    """Refuse a checkpoint whose recorded layout differs from ``expected``.
+
+    Every entry the checkpoint records must match; entries it does not record (a checkpoint
+    saved before that entry existed) are not checked, and a checkpoint recording none at all
+    is left to the proxies' shape check of ``load_state_dict``.
+    """
+    if saved is None or all(expected.get(key) == value for key, value in saved.items()):
+        return
+    raise ValueError(
+        f"this checkpoint has layout {dict(saved)}, this loss has layout {dict(expected)}{hint}"
+    )
+
+
+def _check_input_types(embeddings, labels) -> None:
+    """Errors naming the argument where PML's forward fails with an AttributeError or
+    IndexError (a list or numpy array of labels, 0-d labels)."""
+    if not torch.is_tensor(embeddings):
+        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+    if labels is None:
+        return  # labels_required says so
+    if not torch.is_tensor(labels):
+        raise TypeError(
+            "labels must be a torch.Tensor of shape (batch_size,), got "
+            f"{type(labels).__name__} (convert it with torch.as_tensor)"
+        )
+    if labels.ndim != 1:
+        raise ValueError(
+            f"labels must be a 1D tensor of shape (batch_size,), got shape {tuple(labels.shape)}"
+        )
 
 
 class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -47,7 +105,10 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: C, the number of training classes; labels must lie in [0, C).
         embedding_size: d.
         proxies_per_class: N (official: 12 on CUB and Cars, 1 on SOP).
-        r: fraction of the C * N proxies kept per sample, k = ceil(r * C * N).
+        r: fraction of the C * N proxies kept per sample, k = ceil(r * C * N) rounded as
+            the official code rounds it (official: 0.05). None (default) keeps
+            ``default_top_k(C, N) = max(ceil(0.05 * C * N), 2 * N)``: the official k from
+            40 classes up, and proxies of other classes in every sub-graph below.
         top_k: k itself; overrides ``r`` when given (capped at C * N).
         weight_lambda: weight of the proxy regulariser (official: 0.3 on CUB and Cars,
             0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
@@ -62,25 +123,38 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             sample kept, for ``torch.optim.SparseAdam``: optimizer work and gradient memory
             then follow the B * k touched rows, not C * N. Needs ``weight_lambda=0`` and no
             ``weight_regularizer`` (both touch every proxy).
-        check_inputs: check label range and finiteness of the embeddings every step
-            (shapes and dtypes are always checked). The check costs one host
-            synchronisation; turn it off in a tuned GPU loop.
+        check_inputs: check label range and finiteness of the embeddings every step with a
+            ValueError naming the bad values (shapes and dtypes are always checked). The
+            check costs one host synchronisation; turn it off in a tuned GPU loop, where an
+            out-of-range label still stops the step, through an asynchronous device assert
+            (a RuntimeError on CPU).
         **kwargs: PML's ``reducer``, ``distance`` (``CosineSimilarity`` by default; a
             ``DotProductSimilarity(normalize_embeddings=False)`` skips normalising the
             embeddings, as the official loss does), ``embedding_regularizer``,
             ``weight_regularizer``, ``weight_init_func`` and ``collect_stats``.
 
     The proxies are one parameter ``proxies`` of shape (C * N, d), row j of class j // N.
+    The loss computes in the promotion of the embeddings', the proxies' and float32 dtypes
+    (``.double()`` proxies give a float64 loss) and returns the loss in that dtype.
     Sub-losses: ``loss`` (per-sample classification loss, batch mean by default) and
     ``proxy_reg_loss`` (``weight_lambda`` times the regulariser, already reduced).
+    ``state_dict()`` records the layout (C, N, d) next to the proxies; loading a checkpoint
+    of another layout raises a ValueError naming both.
+
+    Subclasses change how proxies are created and laid out, selected, differentiated and
+    regularised through ``_create_proxies``, ``_layout``, ``_select``,
+    ``_kept_similarities`` and ``_proxy_regularization``.
     """
+
+    # Appended to the message refusing a checkpoint of another layout.
+    _LAYOUT_HINT = ""
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         proxies_per_class: int = 12,
-        r: float = 0.05,
+        r: float | None = None,
         top_k: int | None = None,
         weight_lambda: float = 0.3,
         regularizer_samples: int | None = None,
@@ -99,10 +173,12 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             _check_positive_int("regularizer_samples", regularizer_samples)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
         _check_positive_int("selection_block_bytes", selection_block_bytes)
-        if not isinstance(r, numbers.Real) or not 0 < r <= 1:
+        if r is not None and not (_is_number(r) and 0 < r <= 1):
             raise ValueError(f"r must be in (0, 1], got {r!r}")
-        if not isinstance(weight_lambda, numbers.Real) or not weight_lambda >= 0:
-            raise ValueError(f"weight_lambda must be >= 0, got {weight_lambda!r}")
+        if not (_is_number(weight_lambda) and 0 <= weight_lambda < math.inf):
+            raise ValueError(f"weight_lambda must be a finite number >= 0, got {weight_lambda!r}")
+        _check_flag("sparse_proxy_grad", sparse_proxy_grad)
+        _check_flag("check_inputs", check_inputs)
         super().__init__(**kwargs)
         self._check_distance()
         if sparse_proxy_grad and (weight_lambda > 0 or self.weight_regularizer is not None):
@@ -113,33 +189,41 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.proxies_per_class = int(proxies_per_class)
-        self.r = float(r)
+        self.r = None if r is None else float(r)
         self.weight_lambda = float(weight_lambda)
         self.regularizer_samples = regularizer_samples
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
-        self.sparse_proxy_grad = bool(sparse_proxy_grad)
-        self.check_inputs = bool(check_inputs)
-        self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
-        self.proxies = torch.nn.Parameter(
-            torch.empty(self.num_classes * self.proxies_per_class, self.embedding_size)
-        )
+        self.sparse_proxy_grad = sparse_proxy_grad
+        self.check_inputs = check_inputs
+        if self.r is None and top_k is None:
+            self.top_k = default_top_k(self.num_classes, self.proxies_per_class)
+        else:
+            self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
+        self.proxies = self._create_proxies()
         self.weight_init_func(self.proxies)
-        self.add_to_recordable_attributes(
-            list_of_names=[
-                "num_classes",
-                "embedding_size",
-                "proxies_per_class",
-                "r",
-                "top_k",
-                "weight_lambda",
-            ],
-            is_stat=False,
-        )
+        settings = ["num_classes", "embedding_size", "proxies_per_class", "top_k", "weight_lambda"]
+        if self.r is not None:
+            settings.append("r")
+        self.add_to_recordable_attributes(list_of_names=settings, is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["avg_classes_per_subgraph", "proxy_reg_value"], is_stat=True
         )
         self._warn_about_costly_or_degenerate_settings()
+
+    def _create_proxies(self) -> torch.nn.Parameter:
+        """The (C * N, d) proxies, class-major; ``weight_init_func`` initialises them."""
+        return torch.nn.Parameter(
+            torch.empty(self.num_classes * self.proxies_per_class, self.embedding_size)
+        )
+
+    def _layout(self) -> dict[str, int]:
+        """What ``state_dict()`` records about the layout of the proxies."""
+        return {
+            "num_classes": self.num_classes,
+            "proxies_per_class": self.proxies_per_class,
+            "embedding_size": self.embedding_size,
+        }
 
     def _check_distance(self) -> None:
         distance = self.distance
@@ -154,8 +238,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             warnings.warn(
                 f"ProxyGMLLoss: top_k={self.top_k} <= proxies_per_class="
                 f"{self.proxies_per_class}, so no proxy of another class is kept and the "
-                "classification loss is ~0. Raise r or top_k (r=0.05 suits about 40 or "
-                "more classes with 12 proxies each).",
+                "classification loss is ~0. Raise r or top_k, or leave both unset for a "
+                "default that keeps 2 * proxies_per_class.",
                 stacklevel=3,
             )
         anchors = self.num_classes * self.proxies_per_class
@@ -173,9 +257,15 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             )
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        """PML's forward; float16/bfloat16 embeddings are upcast to float32 on entry."""
-        if torch.is_tensor(embeddings) and embeddings.dtype in LOW_PRECISION_DTYPES:
-            embeddings = embeddings.float()
+        """PML's forward, with the embeddings cast to the compute dtype first.
+
+        The compute dtype is the promotion of the embeddings', the proxies' and float32
+        dtypes; PML's reducers return the loss in the embeddings' dtype, so it is that one.
+        The gradient reaches the embeddings in their own dtype.
+        """
+        _check_input_types(embeddings, labels)
+        if embeddings.is_floating_point():
+            embeddings = embeddings.to(self._compute_dtype(embeddings))
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -183,12 +273,9 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._validate(embeddings, labels)
         with gml.full_precision(embeddings.device):
-            x, proxies = self._inputs_in_compute_dtype(embeddings)
-            indices, values = gml.select_topk(
-                x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
-            )
+            x, proxies, indices, values = self._subgraphs(embeddings, labels)
             per_sample, present = gml.subgraph_loss(
-                gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad),
+                self._kept_similarities(x, proxies, indices, values),
                 indices // self.proxies_per_class,
                 labels,
                 classes_are_distinct=self.proxies_per_class == 1,
@@ -208,6 +295,30 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 self.avg_classes_per_subgraph = present.sum(dim=1).float().mean().item()
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict
+
+    def _subgraphs(
+        self, embeddings: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, proxies, indices, values)``: the inputs in the compute dtype and the
+        (B, k) indices and similarities of each sample's kept proxies (plain top-k when
+        ``labels`` is None). The opening of both ``compute_loss`` and ``get_logits``."""
+        x, proxies = self._inputs_in_compute_dtype(embeddings)
+        indices, values = self._select(x, proxies, labels)
+        return x, proxies, indices, values
+
+    def _select(
+        self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and similarities of the k proxies each sample keeps (no gradient)."""
+        return gml.select_topk(
+            x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
+        )
+
+    def _kept_similarities(
+        self, x: torch.Tensor, proxies: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """The (B, k) kept similarities, differentiable in ``x`` and ``proxies``."""
+        return gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad)
 
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
@@ -229,16 +340,20 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             "reduction_type": "already_reduced",
         }
 
+    def _compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
+        """The promotion of the embeddings', the proxies' and float32 dtypes."""
+        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
+        return torch.promote_types(dtype, torch.float32)
+
     def _inputs_in_compute_dtype(
         self, embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (normalised if the distance says so) and raw proxies, in one dtype.
 
-        The compute dtype is the promotion of both (at least float32): float64 embeddings
-        or ``.double()`` proxies give float64 throughout. The parameter itself is never cast.
-        The proxies are normalised inside the selection and its backward, never copied.
+        The parameter itself is never cast. The proxies are normalised inside the
+        selection and its backward, never copied.
         """
-        dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
+        dtype = self._compute_dtype(embeddings)
         embeddings = embeddings.to(dtype)
         proxies = self.proxies.to(device=embeddings.device, dtype=dtype)
         x = self.distance.maybe_normalize(embeddings)
@@ -253,9 +368,16 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self._validate_embedding_shape(embeddings)
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        if not self.check_inputs:
-            return
         labels_in_range = (labels.min() >= 0) & (labels.max() < self.num_classes)
+        if not self.check_inputs:
+            # No host sync: a label out of range (-1 would index class C - 1's proxies)
+            # stops the step through an asynchronous device assert, or at once on CPU.
+            torch._assert_async(
+                labels_in_range,
+                f"labels must be in [0, num_classes={self.num_classes}) "
+                "(check_inputs=True names the bad labels)",
+            )
+            return
         if bool(labels_in_range & torch.isfinite(embeddings).all()):
             return
         bad_labels = labels[(labels < 0) | (labels >= self.num_classes)]
@@ -287,16 +409,37 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """
         self._validate_embedding_shape(embeddings)
         with gml.full_precision(embeddings.device):
-            x, proxies = self._inputs_in_compute_dtype(embeddings)
-            indices, values = gml.select_topk(
-                x, proxies, None, self.proxies_per_class, self.top_k, self.selection_block_bytes
-            )
-            kept = gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad)
+            x, proxies, indices, values = self._subgraphs(embeddings, None)
+            kept = self._kept_similarities(x, proxies, indices, values)
             kept_classes = indices // self.proxies_per_class
             scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
             scores = scores.scatter_add(1, kept_classes, kept)
             selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_classes, True)
             return scores.masked_fill(~selected, float("-inf"))
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, int]:
+        return self._layout()
+
+    def set_extra_state(self, state: dict) -> None:
+        """Nothing to set: the layout is fixed at construction and checked before loading."""
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
+    ):
+        """Refuse another layout before anything is loaded; accept a state without one.
+
+        A state saved before the layout was recorded loads when the proxies' shape
+        (C * N, d) matches, read as this loss's C classes of N proxies.
+        """
+        key = prefix + "_extra_state"
+        check_layout(state_dict.get(key), self._layout(), self._LAYOUT_HINT)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
+        )
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
 
     def get_default_distance(self):
         return CosineSimilarity()
