@@ -116,7 +116,9 @@ def _index_markdown(modules: list[PublicModule]) -> str:
         "class and constant (a module's `__all__`, or else what it defines without a "
         "leading underscore)."
     )
-    return "\n".join(["# API reference", "", intro, "", "| module | summary |", "|---|---|", *rows, ""])
+    return "\n".join(
+        ["# API reference", "", intro, "", "| module | summary |", "|---|---|", *rows, ""]
+    )
 
 
 def _nav(modules: list[PublicModule]) -> list:
@@ -169,8 +171,6 @@ def on_files(files, config):
             uri = posixpath.join(RESULTS_DIR, os.path.relpath(path, source).replace(os.sep, "/"))
             # Linked from the pages, not listed in the nav.
             files.append(
-                File.generated(
-                    config, uri, abs_src_path=path, inclusion=InclusionLevel.NOT_IN_NAV
-                )
+                File.generated(config, uri, abs_src_path=path, inclusion=InclusionLevel.NOT_IN_NAV)
             )
     return files
