@@ -28,8 +28,9 @@ import pml_proxygml
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "pml_proxygml"
 NOT_SHIPPED = ("tests/", "benchmarks/", "docs/", "examples/")
+# Without git: what a copy leaves out (environments, build outputs, caches).
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", ".cache", "site"
+    ".git", ".venv", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", ".cache", "cache"
 )
 
 
@@ -44,12 +45,33 @@ def source_version() -> str:
     raise AssertionError("pml_proxygml/__init__.py defines no __version__")
 
 
+def copy_sources(destination: Path) -> None:
+    """The repository's files as git lists them (tests/, benchmarks/... included), or a copy.
+
+    Untracked run folders, which can hold gigabytes of checkpoints, stay behind.
+    """
+    git = shutil.which("git")
+    listed = git and subprocess.run([git, "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if not listed or listed.returncode != 0:
+        shutil.copytree(ROOT, destination, ignore=COPY_IGNORE)
+        return
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+
+
 @pytest.fixture(scope="module")
-def dists(tmp_path_factory) -> dict[str, Path]:
+def source(tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("packaging") / "source"
+    copy_sources(copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def dists(source) -> dict[str, Path]:
     pytest.importorskip("build", reason="the dev extra installs build")
-    work = tmp_path_factory.mktemp("packaging")
-    source, out = work / "source", work / "dist"
-    shutil.copytree(ROOT, source, ignore=COPY_IGNORE)
+    out = source.parent / "dist"
     subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
         check=True,
@@ -61,12 +83,13 @@ def dists(tmp_path_factory) -> dict[str, Path]:
     return {"wheel": wheel, "sdist": sdist}
 
 
-def test_wheel_holds_the_library_its_licence_and_metadata_only(dists):
+def test_wheel_holds_the_library_its_licence_and_metadata_only(source, dists):
     names = zipfile.ZipFile(dists["wheel"]).namelist()
     dist_info = f"{PACKAGE}-{source_version()}.dist-info/"
+    assert (source / "tests").is_dir() and (source / "benchmarks").is_dir()
     library = {
-        path.relative_to(ROOT).as_posix()
-        for path in (ROOT / PACKAGE).rglob("*")
+        path.relative_to(source).as_posix()
+        for path in (source / PACKAGE).rglob("*")
         if path.is_file() and path.suffix in (".py", ".typed")
     }
     assert f"{PACKAGE}/py.typed" in library
