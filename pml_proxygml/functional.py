@@ -1,6 +1,6 @@
 """The ProxyGML method as small pure tensor functions.
 
-Notation (as in the paper and ``shared/spec``): B samples, d embedding dims, C classes,
+Notation (as in the paper and ``docs/method.md``): B samples, d embedding dims, C classes,
 N proxies per class, CN = C * N proxies in total, k proxies kept per sample.
 Proxies are stored row-wise, ``(CN, d)``; row ``j`` belongs to class ``j // N``.
 

@@ -1,6 +1,6 @@
 """An independent, deliberately literal float64 reference of the official ProxyGML loss.
 
-Written from ``shared/spec/official_reference.md`` section 1.2 with the dense objects the
+Written from the equations of ``docs/method.md`` with the dense objects the
 official code uses (one-hot matrices, the +1000 ranking boost, no max-shift), so that the
 sparse implementation can be checked against a different formulation of the same math.
 """
