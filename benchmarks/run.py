@@ -68,9 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="recipe overrides, e.g. train.batch_size=64 losses.proxygml.settings.r=0.1",
     )
-    parser.add_argument(
-        "--download", action="store_true", help="let PML download a paper dataset"
-    )
+    parser.add_argument("--download", action="store_true", help="let PML download a paper dataset")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--show", action="store_true", help="print the resolved recipe and exit")
     mode.add_argument(
@@ -142,7 +140,9 @@ def train_one(
     size = recipe.model.embedding_size
     try:
         trunk, embedder = models.build_models(**dataclasses.asdict(recipe.model))
-        loss_func = registry.build_loss(loss, splits.train.num_classes, size, recipe.loss(loss).settings)
+        loss_func = registry.build_loss(
+            loss, splits.train.num_classes, size, recipe.loss(loss).settings
+        )
     except ValueError as error:  # settings the recipe's format accepts but the model or loss not
         raise RecipeError(f"{recipe.name}, {loss}: {error}") from None
     return harness.train_and_evaluate(
@@ -154,7 +154,9 @@ def train_one(
         out / "runs" / loss / f"seed{seed}",
         identity=run_identity(recipe, loss, splits),
         checkpoint_path=checkpoint_file(out, loss, seed),
-        calculator=harness.accuracy_calculator(recipe.evaluation.recall_ks, recipe.evaluation.metrics),
+        calculator=harness.accuracy_calculator(
+            recipe.evaluation.recall_ks, recipe.evaluation.metrics
+        ),
         device=device,
         info={"loss": loss, "seed": seed, "recipe": recipe.name, "embedding_size": size},
         environment=environment,
@@ -164,7 +166,13 @@ def train_one(
 
 
 def retrieval_picture(
-    recipe: recipes.Recipe, loss: str, seed: int, eval_set: ImageDataset, out: Path, eval_name: str, device: str
+    recipe: recipes.Recipe,
+    loss: str,
+    seed: int,
+    eval_set: ImageDataset,
+    out: Path,
+    eval_name: str,
+    device: str,
 ) -> Path:
     """``retrieval_<loss>.png`` of the run's final weights."""
     trunk, embedder = models.build_models(**dataclasses.asdict(recipe.model))
@@ -202,32 +210,54 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     out = report.output_folder(args.out, recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     report.write_text(out / RECIPE_FILE, json.dumps(recipe.to_dict(), indent=2) + "\n")
-    environment = report.capture_environment(args.device, report.command_line("benchmarks.run", argv))
+    environment = report.capture_environment(
+        args.device, report.command_line("benchmarks.run", argv)
+    )
     facts = splits.describe()
     seeds = recipe.train.seeds
     with log_to(out / LOG_FILE):
         LOGGER.info("%s\n%s: %s", environment["command"], recipe.name, json.dumps(facts))
         expected = recipe.dataset.train_classes
         if expected is not None and expected != splits.train.num_classes:
-            LOGGER.warning("%d train classes, the recipe expects %d", splits.train.num_classes, expected)
+            LOGGER.warning(
+                "%d train classes, the recipe expects %d", splits.train.num_classes, expected
+            )
         pixels = models.BACKBONES[recipe.model.backbone].pixels
         runs: dict[str, list[list[dict[str, Any]]]] = {}
         datasets = {}
         for seed in seeds:
             datasets[seed] = splits.datasets(recipe.data, pixels, seed)
             for loss in losses:
-                result = train_one(recipe, loss, seed, splits, datasets[seed], out, args.device, environment)
+                result = train_one(
+                    recipe, loss, seed, splits, datasets[seed], out, args.device, environment
+                )
                 runs.setdefault(loss, []).append(result.rows)
         summary.plot_curves(runs, out, facts["title"], splits.eval_name)
-        retrieval_picture(recipe, losses[0], seeds[0], datasets[seeds[0]][1], out, splits.eval_name, args.device)
+        retrieval_picture(
+            recipe, losses[0], seeds[0], datasets[seeds[0]][1], out, splits.eval_name, args.device
+        )
         extra = ""
         if "proxygml" in runs and recipe.loss("proxygml").settings.get("weight_lambda", 0.3):
-            extra = summary.regularizer_note(recipe, splits.train.num_classes, len(splits.train), args.device) + "\n"
+            extra = (
+                summary.regularizer_note(
+                    recipe, splits.train.num_classes, len(splits.train), args.device
+                )
+                + "\n"
+            )
         metrics = harness.metric_order(
             harness.accuracy_calculator(recipe.evaluation.recall_ks, recipe.evaluation.metrics)
         )
         table = summary.write_summary(
-            out, recipe, facts, splits.eval_name, runs, seeds, metrics, environment, time.perf_counter() - start, extra
+            out,
+            recipe,
+            facts,
+            splits.eval_name,
+            runs,
+            seeds,
+            metrics,
+            environment,
+            time.perf_counter() - start,
+            extra,
         )
     print(table)
     print(f"total wall time {time.perf_counter() - start:.0f} s; results in {report.relative(out)}")

@@ -241,7 +241,9 @@ class SmallCNN(nn.Sequential):
 def _from_scratch(module: type[nn.Module]) -> Callable[[bool, Any], nn.Module]:
     def build(pretrained: bool = False, weights: str | Path | None = None) -> nn.Module:
         if pretrained or weights is not None:
-            raise ValueError(f"{module.__name__} has no pretrained weights: set model.pretrained=false")
+            raise ValueError(
+                f"{module.__name__} has no pretrained weights: set model.pretrained=false"
+            )
         return module()
 
     return build

@@ -255,14 +255,33 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
             f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
         )
     converters = _CONVERTERS.get(cls, {})
+    annotations = {f.name: f.type for f in fields}
     values = {
-        key: value if key not in converters or value is None else converters[key](value, key)
+        key: _check_scalar(annotations[key], value, f"{where}.{key}")
+        if key not in converters or value is None
+        else converters[key](value, f"{where}.{key}")
         for key, value in raw.items()
     }
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{where}: {error}") from None
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,)}
+_SCALARS["str"] = (str,)
+
+
+def _check_scalar(annotation: Any, value: Any, where: str) -> Any:
+    """``value`` if it fits a scalar annotation such as ``"int"`` or ``"float | None"``
+    (ints become floats where a float is due); other annotations pass unchecked."""
+    kinds = [kind.strip() for kind in str(annotation).split("|")]
+    if not set(kinds) <= {*_SCALARS, "None"} or (value is None and "None" in kinds):
+        return value
+    types = tuple(t for kind in kinds for t in _SCALARS.get(kind, ()))
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise RecipeError(f"{where}: expected {annotation}, got {value!r}")
+    return float(value) if "float" in kinds and type(value) is int else value
 
 
 def _tuple(value: Any, where: str) -> tuple[Any, ...]:
@@ -385,7 +404,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             if not isinstance(node, dict) or part not in node:
                 raise RecipeError(f"--set {key}: no {'.'.join(parents[: depth + 1])!r} in recipe")
             node = node[part]
-        open_keys = parents == ["losses"] or (parents[::2] == ["losses", "settings"])
+        loss_setting = len(parents) == 3 and parents[0] == "losses" and parents[2] == "settings"
+        open_keys = parents == ["losses"] or loss_setting
         if not isinstance(node, dict) or (leaf not in node and not open_keys):
             known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
             raise RecipeError(f"--set {key}: unknown key {leaf!r} (known: {known})")
@@ -399,8 +419,9 @@ def load_recipe(
     epochs: int | None = None,
     seeds: Sequence[int] | None = None,
 ) -> Recipe:
-    """A recipe with ``--set`` overrides, then ``--epochs`` and ``--seeds``, applied; validated."""
-    raw = apply_overrides(load_raw(name_or_path), overrides)
+    """A recipe with ``--set`` overrides, then ``--epochs`` and ``--seeds``, applied; validated.
+    Overrides apply to the recipe with its defaults filled in, so they may set any field."""
+    raw = apply_overrides(_build(Recipe, load_raw(name_or_path), "recipe").to_dict(), overrides)
     if not isinstance(raw.get("train"), dict):
         raise RecipeError("recipe: no 'train' section")
     if epochs is not None:

@@ -178,10 +178,14 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     newline = "" if "b" not in mode else None  # csv writes its own line endings
-    with open(tmp, mode, newline=newline) as file:
-        yield file
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(tmp, mode, newline=newline) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_folder(path.parent)
 

@@ -157,7 +157,9 @@ def regularizer_note(recipe: Any, num_classes: int, train_size: int, device: str
     seconds = {}
     for key, weight in (("with", settings.get("weight_lambda", 0.3)), ("without", 0.0)):
         loss = ProxyGMLLoss(num_classes, dim, **{**settings, "weight_lambda": weight}).to(device)
-        seconds[key] = measure.median_seconds(lambda loss=loss: loss(x, y).backward(), 5, 1, None, device)
+        seconds[key] = measure.median_seconds(
+            lambda loss=loss: loss(x, y).backward(), 5, 1, None, device
+        )
     steps = train_size // batch
     n = settings.get("proxies_per_class", 12)
     flops = num_classes * n * num_classes * dim
@@ -184,7 +186,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def curve(seeds: Sequence[Sequence[Mapping[str, Any]]], metric: str = KEY_METRIC) -> dict[str, np.ndarray]:
+def curve(
+    seeds: Sequence[Sequence[Mapping[str, Any]]], metric: str = KEY_METRIC
+) -> dict[str, np.ndarray]:
     """Mean and std over seeds of ``metric`` per evaluated epoch, with the mean cumulative
     training seconds at that epoch."""
     evaluated = [{r["epoch"]: r for r in rows if metric in r} for rows in seeds]
@@ -241,7 +245,9 @@ def plot_retrieval(
     similarities[np.arange(queries), picks] = -torch.inf  # not its own neighbour
     neighbours = similarities.topk(min(k, len(source) - 1), dim=1).indices.cpu().numpy()
     columns = neighbours.shape[1] + 1
-    fig, axes = plt.subplots(queries, columns, figsize=(1.5 * columns, 1.6 * queries), squeeze=False)
+    fig, axes = plt.subplots(
+        queries, columns, figsize=(1.5 * columns, 1.6 * queries), squeeze=False
+    )
     for row, query in enumerate(picks):
         label = source.labels[query]
         for col, index in enumerate([query, *neighbours[row]]):
@@ -265,10 +271,13 @@ def plot_retrieval(
 # ----------------------------------------------------------------------------- files
 
 
-def setup_text(recipe: Any, dataset: Mapping[str, Any], eval_name: str, seeds: Sequence[int]) -> str:
+def setup_text(
+    recipe: Any, dataset: Mapping[str, Any], eval_name: str, seeds: Sequence[int]
+) -> str:
     """The shared setup of a summary, in words, from the recipe and the dataset's facts."""
     m, d, t, e = recipe.model, recipe.data, recipe.train, recipe.evaluation
     plan = recipe.plan(recipe.losses_to_run[0], seeds[0])
+    frozen = list(plan.frozen_trunk_epochs)
     train, evaluated = dataset["train"], dataset[eval_name]
     return (
         f"- Dataset: {dataset['title']} (`{dataset['root']}`), train {train['classes']} classes "
@@ -283,7 +292,7 @@ def setup_text(recipe: Any, dataset: Mapping[str, Any], eval_name: str, seeds: S
         f"{f', flip {d.flip:g}' if d.flip else ''}), backbone {t.backbone_optimizer.name} lr "
         f"{t.backbone_optimizer.lr:g}, weight decay {t.backbone_optimizer.weight_decay:g}, every "
         f"lr ×{t.gamma:g} after epochs {list(plan.milestones)}"
-        f"{f', trunk frozen in epochs {list(plan.frozen_trunk_epochs)}' if plan.frozen_trunk_epochs else ''}"
+        f"{f', trunk frozen in epochs {frozen}' if frozen else ''}"
         f"; seeds {list(seeds)} (a seed fixes the initial weights and the batches, equal for "
         "every loss).\n"
         f"- Evaluation: every {eval_name} image queries all the others (cosine): "
@@ -324,7 +333,9 @@ def write_summary(
         + extra_sections
         + "## Results\n"
     )
-    report.write_markdown(out / SUMMARY_MD, f"{dataset['title']} retrieval: {labels}", table, environment, notes)
+    report.write_markdown(
+        out / SUMMARY_MD, f"{dataset['title']} retrieval: {labels}", table, environment, notes
+    )
     t, plan = recipe.train, recipe.plan(next(iter(runs)), seeds[0])
     extra = {
         "command_seconds": elapsed,

@@ -85,7 +85,12 @@ class RandomResizedCrop:
         aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * u[1])
         width = min(1.0, math.sqrt(area * aspect))
         height = min(1.0, math.sqrt(area / aspect))
-        return width, height, (1.0 - width) * (2.0 * u[2] - 1.0), (1.0 - height) * (2.0 * u[3] - 1.0)
+        return (
+            width,
+            height,
+            (1.0 - width) * (2.0 * u[2] - 1.0),
+            (1.0 - height) * (2.0 * u[3] - 1.0),
+        )
 
     def __call__(self, image: Picture, generator: torch.Generator) -> torch.Tensor:
         """The crop of ``image`` as an RGB float tensor in [0, 1]."""

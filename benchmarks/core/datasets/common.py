@@ -190,7 +190,9 @@ class Splits:
         self, data: Any, pixels: PixelSpec, seed: int
     ) -> tuple[ImageDataset, ImageDataset]:
         """Training (augmented with ``seed``) and evaluation datasets for a recipe's ``data``."""
-        crop = RandomResizedCrop(data.crop, tuple(data.crop_scale), tuple(data.crop_ratio), data.flip)
+        crop = RandomResizedCrop(
+            data.crop, tuple(data.crop_scale), tuple(data.crop_ratio), data.flip
+        )
         train = ImageDataset(self.train, crop, pixels, seed)
         return train, ImageDataset(self.eval, CenterCrop(data.resize, data.crop), pixels)
 

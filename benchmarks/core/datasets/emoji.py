@@ -1,11 +1,12 @@
 """Emoji retrieval dataset: one class per emoji, one image per vendor design.
 
 Built offline from pinned npm packages, fetched by :mod:`.npm` in Python (Node.js is not
-needed) and checked against the registry's integrity hashes. Vendors (artwork licence): Twemoji 16 (CC-BY-4.0), Google Noto (Apache-2.0), Noto's
-Android 7 "blob" design (Apache-2.0) and EmojiOne 2.2.7 (CC-BY-4.0) as 64 px PNGs from
-emoji-datasource; Microsoft Fluent 3D (MIT) as WebP; OpenMoji (CC-BY-SA-4.0) and Fluent Color and
-Flat (MIT) as SVG, rasterised with resvg-py (the resvg Rust renderer in a self-contained wheel, no
-system library). Apple and Facebook artwork is not freely licensed and is never read.
+needed) and checked against the registry's integrity hashes. Vendors (artwork licence):
+Twemoji 16 (CC-BY-4.0), Google Noto (Apache-2.0), Noto's Android 7 "blob" design (Apache-2.0)
+and EmojiOne 2.2.7 (CC-BY-4.0) as 64 px PNGs from emoji-datasource; Microsoft Fluent 3D (MIT)
+as WebP; OpenMoji (CC-BY-SA-4.0) and Fluent Color and Flat (MIT) as SVG, rasterised with
+resvg-py (the resvg Rust renderer in a self-contained wheel, no system library). Apple and
+Facebook artwork is not freely licensed and is never read.
 
 Class policy, also written into the manifest:
 
@@ -66,6 +67,8 @@ VARIATION_SELECTOR_16 = 0xFE0F
 SKIN_TONES = range(0x1F3FB, 0x1F400)
 # Hex code points joined by "-" or "_", as every directory-layout vendor names its files.
 _FILE_NAME = re.compile(r"([0-9a-f]{2,6}(?:[-_][0-9a-f]{2,6})*)\.(?:png|webp|svg)", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Vendor:
     """One vendor design: where its images are inside an npm package, and their licence."""

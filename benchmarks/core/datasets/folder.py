@@ -69,7 +69,11 @@ def open_splits(config: Any, data_root: Path | None, download: bool = False) -> 
     root = Path(data_root)
     if not root.is_dir():
         raise DataError(f"data root {report.relative(root)} is not a folder")
-    info: dict[str, Any] = {"name": "folder", "title": root.resolve().name, "root": report.relative(root)}
+    info: dict[str, Any] = {
+        "name": "folder",
+        "title": root.resolve().name,
+        "root": report.relative(root),
+    }
     if (root / "train").is_dir() and (root / "test").is_dir():
         info["split"] = "train/ and test/ folders"
         return Splits(scan(root / "train"), scan(root / "test"), info)

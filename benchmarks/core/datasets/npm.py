@@ -96,7 +96,11 @@ def npm_settings(
         settings.update(read_npmrc(folder / ".npmrc", environ))
     prefix = "npm_config_"
     settings.update(
-        {key[len(prefix) :].lower(): v for key, v in environ.items() if key.lower().startswith(prefix)}
+        {
+            key[len(prefix) :].lower(): v
+            for key, v in environ.items()
+            if key.lower().startswith(prefix)
+        }
     )
     return settings
 
@@ -124,9 +128,15 @@ def auth_headers(url: str, settings: Mapping[str, str]) -> dict[str, str]:
 
 
 def _get(url: str, settings: Mapping[str, str], accept: str = "*/*") -> bytes:
-    headers = {"Accept": accept, "User-Agent": "pml-proxygml-benchmarks", **auth_headers(url, settings)}
+    headers = {
+        "Accept": accept,
+        "User-Agent": "pml-proxygml-benchmarks",
+        **auth_headers(url, settings),
+    }
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=TIMEOUT_SECONDS
+        ) as response:
             return response.read()
     except (urllib.error.URLError, OSError) as error:
         raise DataError(f"cannot fetch {url} ({error})") from None

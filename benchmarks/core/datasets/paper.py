@@ -108,7 +108,9 @@ def open_splits(config: Any, data_root: Path | None, download: bool = False) -> 
         info.loader(str(root), split="train", download=True)
     check_layout(config.name, root)
     facts = {"name": config.name, "title": info.title, "root": report.relative(root)}
-    return Splits(load_split(config.name, root, "train"), load_split(config.name, root, "test"), facts)
+    return Splits(
+        load_split(config.name, root, "train"), load_split(config.name, root, "test"), facts
+    )
 
 
 # ----------------------------------------------------------------------------- fake data
