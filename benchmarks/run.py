@@ -5,6 +5,7 @@
     python -m benchmarks.run --recipe cub_512 --data-root data/cub --loss proxygml
     python -m benchmarks.run --recipe emoji --show                  # the resolved recipe
     python -m benchmarks.run --table                                # every summary under runs/
+    python -m benchmarks.run --recipe sop_512 --throughput          # images/s, peak memory
 
 For each seed and each loss, one call of the harness trains the whole run (schedule,
 evaluation epochs, frozen-trunk warm-up), checkpointing after every epoch: the same command
@@ -30,8 +31,9 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning import testers
+from pytorch_metric_learning.utils import common_functions as c_f
 
-from .core import cli, harness, models, recipes, registry, report, summary
+from .core import cli, harness, measure, models, recipes, registry, report, summary
 from .core.datasets import Splits, open_splits
 from .core.datasets.common import ImageDataset
 from .core.errors import RecipeError
@@ -71,6 +73,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--download", action="store_true", help="let PML download a paper dataset")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--show", action="store_true", help="print the resolved recipe and exit")
+    mode.add_argument(
+        "--throughput",
+        type=int,
+        metavar="STEPS",
+        help="time STEPS training steps per loss on random images of the recipe's size and "
+        "classes (weights not pretrained), after 3 untimed ones; no data needed",
+    )
     mode.add_argument(
         "--table",
         action="store_true",
@@ -190,6 +199,94 @@ def retrieval_picture(
     return path
 
 
+def step_throughput(recipe: recipes.Recipe, loss: str, steps: int, device: str) -> dict[str, Any]:
+    """Seconds and peak memory of one training step (forward, loss, backward, optimizer steps)
+    of ``loss`` on a random batch of the recipe's shape, weights not pretrained."""
+    classes = recipe.dataset.train_classes
+    if classes is None:
+        raise RecipeError("--throughput needs dataset.train_classes in the recipe")
+    model = dataclasses.replace(recipe.model, pretrained=False, weights=None)
+    batch, side = recipe.train.batch_size, recipe.data.crop
+    harness.seed_everything(0)
+    trunk, embedder = models.build_models(**dataclasses.asdict(model))
+    loss_func = registry.build_loss(loss, classes, model.embedding_size, recipe.loss(loss).settings)
+    state = harness.TrainingState.build(trunk, embedder, loss_func, recipe.plan(loss, 0), device)
+    trunk.train()
+    if recipe.train.freeze_trunk_batchnorm:
+        c_f.set_layers_to_eval("BatchNorm")(trunk)
+    images = torch.randn(batch, 3, side, side, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+
+    def step() -> None:
+        for optimizer in state.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss_func(embedder(trunk(images)), labels).backward()
+        for optimizer in state.optimizers.values():
+            optimizer.step()
+
+    memory = measure.PeakMemory(device).start()
+    seconds = measure.median_seconds(step, steps, warmup=3, device=device)
+    return {
+        "loss": loss,
+        "batch_size": batch,
+        "image_size": side,
+        "classes": classes,
+        "images_per_second": batch / seconds,
+        "seconds_per_step": seconds,
+        "peak_memory_gib": memory.extra_bytes() / 2**30,
+    }
+
+
+def write_throughput(
+    recipe: recipes.Recipe,
+    losses: Sequence[str],
+    steps: int,
+    device: str,
+    out: Path,
+    environment: Mapping[str, Any],
+) -> str:
+    """``throughput.{json,md}`` of every loss; returns the table."""
+    rows = [step_throughput(recipe, loss, steps, device) for loss in losses]
+    columns = {key: key for key in rows[0]}
+    notes = (
+        f"Median of {steps} training steps after 3 untimed ones: forward, loss, backward and "
+        "optimizer steps on a random batch of the recipe's shape. Peak memory: "
+        f"{'CUDA allocations' if device.startswith('cuda') else 'resident set'} over the "
+        "baseline (benchmarks/core/measure.py).\n"
+    )
+    title = f"Training-step throughput: {recipe.name}"
+    report.write_results(
+        out, "throughput", rows, environment, title=title, columns=columns, notes=notes
+    )
+    return report.markdown_table(rows, columns)
+
+
+def train_all(
+    recipe: recipes.Recipe,
+    losses: Sequence[str],
+    splits: Splits,
+    out: Path,
+    device: str,
+    environment: Mapping[str, Any],
+) -> tuple[dict[str, list[list[dict[str, Any]]]], dict[int, tuple[ImageDataset, ImageDataset]]]:
+    """Every (seed, loss) run: ``{loss: [rows of each seed]}`` and the datasets of each seed."""
+    LOGGER.info("%s\n%s: %s", environment["command"], recipe.name, json.dumps(splits.describe()))
+    expected = recipe.dataset.train_classes
+    if expected is not None and expected != splits.train.num_classes:
+        LOGGER.warning(
+            "%d train classes, the recipe expects %d", splits.train.num_classes, expected
+        )
+    pixels = models.BACKBONES[recipe.model.backbone].pixels
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    datasets = {}
+    for seed in recipe.train.seeds:
+        datasets[seed] = splits.datasets(recipe.data, pixels, seed)
+        for loss in losses:
+            result = train_one(recipe, loss, seed, splits, datasets[seed], out, device, environment)
+            runs.setdefault(loss, []).append(result.rows)
+    return runs, datasets
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.table:
         print(summary.results_table(args.out or report.RUNS_ROOT))
@@ -205,59 +302,30 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input size
     start = time.perf_counter()
+    command = report.command_line("benchmarks.run", argv)
+    environment = report.capture_environment(args.device, command)
+    out = report.output_folder(args.out, recipe.name)
+    if args.throughput:
+        print(write_throughput(recipe, losses, args.throughput, args.device, out, environment))
+        return
     # Open the data before creating the output folder: a wrong --data-root leaves nothing.
     splits = open_splits(recipe.dataset, args.data_root, args.download)
-    out = report.output_folder(args.out, recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     report.write_text(out / RECIPE_FILE, json.dumps(recipe.to_dict(), indent=2) + "\n")
-    environment = report.capture_environment(
-        args.device, report.command_line("benchmarks.run", argv)
-    )
-    facts = splits.describe()
-    seeds = recipe.train.seeds
     with log_to(out / LOG_FILE):
-        LOGGER.info("%s\n%s: %s", environment["command"], recipe.name, json.dumps(facts))
-        expected = recipe.dataset.train_classes
-        if expected is not None and expected != splits.train.num_classes:
-            LOGGER.warning(
-                "%d train classes, the recipe expects %d", splits.train.num_classes, expected
-            )
-        pixels = models.BACKBONES[recipe.model.backbone].pixels
-        runs: dict[str, list[list[dict[str, Any]]]] = {}
-        datasets = {}
-        for seed in seeds:
-            datasets[seed] = splits.datasets(recipe.data, pixels, seed)
-            for loss in losses:
-                result = train_one(
-                    recipe, loss, seed, splits, datasets[seed], out, args.device, environment
-                )
-                runs.setdefault(loss, []).append(result.rows)
+        runs, datasets = train_all(recipe, losses, splits, out, args.device, environment)
+        seed = recipe.train.seeds[0]
+        facts = splits.describe()
         summary.plot_curves(runs, out, facts["title"], splits.eval_name)
-        retrieval_picture(
-            recipe, losses[0], seeds[0], datasets[seeds[0]][1], out, splits.eval_name, args.device
-        )
-        extra = ""
-        if "proxygml" in runs and recipe.loss("proxygml").settings.get("weight_lambda", 0.3):
-            extra = (
-                summary.regularizer_note(
-                    recipe, splits.train.num_classes, len(splits.train), args.device
-                )
-                + "\n"
-            )
+        eval_set = datasets[seed][1]
+        retrieval_picture(recipe, losses[0], seed, eval_set, out, splits.eval_name, args.device)
+        extra = summary.regularizer_note(recipe, runs, splits.train, args.device)
         metrics = harness.metric_order(
             harness.accuracy_calculator(recipe.evaluation.recall_ks, recipe.evaluation.metrics)
         )
+        elapsed = time.perf_counter() - start
         table = summary.write_summary(
-            out,
-            recipe,
-            facts,
-            splits.eval_name,
-            runs,
-            seeds,
-            metrics,
-            environment,
-            time.perf_counter() - start,
-            extra,
+            out, recipe, facts, splits.eval_name, runs, metrics, environment, elapsed, extra
         )
     print(table)
     print(f"total wall time {time.perf_counter() - start:.0f} s; results in {report.relative(out)}")

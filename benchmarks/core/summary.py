@@ -8,6 +8,7 @@ with the highest Recall@1, the usual test-set selection of DML papers, reported 
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -147,15 +148,20 @@ def loss_table(recipe: Any, names: Sequence[str]) -> str:
     return report.markdown_table(rows, columns)
 
 
-def regularizer_note(recipe: Any, num_classes: int, train_size: int, device: str) -> str:
-    """The measured cost of ProxyGML's exact proxy regulariser at this recipe's shape."""
-    settings = dict(recipe.loss("proxygml").settings)
+def regularizer_note(recipe: Any, runs: Runs, train: Any, device: str) -> str:
+    """The measured cost of ProxyGML's exact proxy regulariser at this recipe's shape, where
+    ProxyGML ran with one ("" otherwise)."""
+    settings = dict(recipe.loss("proxygml").settings) if "proxygml" in runs else {}
+    default_lambda = inspect.signature(ProxyGMLLoss).parameters["weight_lambda"].default
+    if not settings.get("weight_lambda", default_lambda) or "proxygml" not in runs:
+        return ""
+    num_classes, train_size = train.num_classes, len(train)
     batch, dim = recipe.train.batch_size, recipe.model.embedding_size
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, dim, generator=generator).to(device).requires_grad_()
     y = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
     seconds = {}
-    for key, weight in (("with", settings.get("weight_lambda", 0.3)), ("without", 0.0)):
+    for key, weight in (("with", settings.get("weight_lambda", default_lambda)), ("without", 0.0)):
         loss = ProxyGMLLoss(num_classes, dim, **{**settings, "weight_lambda": weight}).to(device)
         seconds[key] = measure.median_seconds(
             lambda loss=loss: loss(x, y).backward(), 5, 1, None, device
@@ -170,7 +176,7 @@ def regularizer_note(recipe: Any, num_classes: int, train_size: int, device: str
         f"batch {batch}): {seconds['with'] * 1e3:.1f} ms with the regulariser, "
         f"{seconds['without'] * 1e3:.1f} ms without, i.e. about "
         f"{(seconds['with'] - seconds['without']) * steps:.1f} s per epoch of {steps} steps "
-        "(compare the train s/epoch column).\n"
+        "(compare the train s/epoch column).\n\n"
     )
 
 
@@ -271,11 +277,10 @@ def plot_retrieval(
 # ----------------------------------------------------------------------------- files
 
 
-def setup_text(
-    recipe: Any, dataset: Mapping[str, Any], eval_name: str, seeds: Sequence[int]
-) -> str:
+def setup_text(recipe: Any, dataset: Mapping[str, Any], eval_name: str) -> str:
     """The shared setup of a summary, in words, from the recipe and the dataset's facts."""
     m, d, t, e = recipe.model, recipe.data, recipe.train, recipe.evaluation
+    seeds = t.seeds
     plan = recipe.plan(recipe.losses_to_run[0], seeds[0])
     frozen = list(plan.frozen_trunk_epochs)
     train, evaluated = dataset["train"], dataset[eval_name]
@@ -311,13 +316,13 @@ def write_summary(
     dataset: Mapping[str, Any],
     eval_name: str,
     runs: Runs,
-    seeds: Sequence[int],
     metrics: Sequence[str],
     environment: Mapping[str, Any],
     elapsed: float,
     extra_sections: str = "",
 ) -> str:
     """``summary.md`` and ``summary.json``; returns the results table."""
+    seeds = recipe.train.seeds
     rows = aggregate(runs, metrics)
     table = summary_table(rows, metrics)
     labels = " vs ".join(LOSSES[name].label for name in runs)
@@ -326,7 +331,7 @@ def write_summary(
         f"were skipped). Recipe `{recipe.name}`: {recipe.description}\n\n"
         + "".join(f"- {note}\n" for note in recipe.notes)
         + "\n## Setup\n\n"
-        + setup_text(recipe, dataset, eval_name, seeds)
+        + setup_text(recipe, dataset, eval_name)
         + "\n## Per-loss recipes\n\n"
         + loss_table(recipe, list(runs))
         + "\n"

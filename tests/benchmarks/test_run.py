@@ -37,15 +37,17 @@ def emoji_command(data: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def emoji_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fake_emoji(tmp_path_factory.mktemp("emoji"))
+def emoji_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The fake emoji data and the results folder of one run on it."""
+    data = write_fake_emoji(tmp_path_factory.mktemp("emoji"))
+    out = tmp_path_factory.mktemp("results")
+    assert run.main(emoji_command(data, out)) == 0
+    return data, out
 
 
 @pytest.fixture(scope="module")
-def emoji_out(emoji_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("results")
-    assert run.main(emoji_command(emoji_data, out)) == 0
-    return out
+def emoji_out(emoji_run: tuple[Path, Path]) -> Path:
+    return emoji_run[1]
 
 
 def strings(value: Any) -> list[str]:
@@ -111,9 +113,18 @@ def test_summary_names_its_dataset_and_holds_relative_paths(emoji_out: Path) -> 
     assert re.search(r"(?<![.\w])/tmp/", text) is None  # relative paths only
 
 
+def test_committed_results_hold_relative_paths_only() -> None:
+    files = sorted((report.REPO_ROOT / "benchmarks" / "results").rglob("*.json"))
+    assert files
+    for path in files:
+        absolute = [s for s in strings(json.loads(path.read_text())) if s.startswith("/")]
+        assert absolute == [], path
+
+
 def test_rerun_skips_finished_runs(
-    emoji_data: Path, emoji_out: Path, caplog: pytest.LogCaptureFixture
+    emoji_run: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
+    emoji_data, emoji_out = emoji_run
     checkpoints = sorted((emoji_out / "checkpoints").glob("*.pt"))
     before = [p.stat().st_mtime_ns for p in checkpoints]
     with caplog.at_level(logging.INFO, logger=harness.LOGGER.name):
@@ -360,6 +371,21 @@ def test_paper_dataset_missing_names_the_layout(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- modes
+
+
+def test_throughput_on_random_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run.main(
+        [
+            *("--recipe", "cub_512", "--throughput", "2", "--out", str(tmp_path)),
+            *("--device", "cpu", "--set", *TINY_PAPER),
+        ]
+    )
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert [row["loss"] for row in saved["rows"]] == ["proxygml", "proxyanchor"]
+    for row in saved["rows"]:
+        assert row["images_per_second"] > 0 and row["batch_size"] == 4
+        assert row["classes"] == 100 and row["image_size"] == 16
+    assert "| proxygml | 4 | 16 | 100 |" in capsys.readouterr().out
 
 
 def test_help_lists_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
