@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -202,6 +202,3 @@ class Splits:
             "train": self.train.summary(),
             self.eval_name: self.eval.summary(),
         }
-
-
-Opener = Callable[[Any, Union[Path, None], bool], Splits]
