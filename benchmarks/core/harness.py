@@ -592,10 +592,16 @@ def restore(
         seed_everything(plan.seed)
         return []
     checkpoint = load_checkpoint(checkpoint_path, device)
-    rows = list(checkpoint.get("rows", []))
-    evaluated = [any(m in row for m in metrics) for row in rows]
-    conflicts = resume_conflicts(checkpoint, identity, plan, evaluated)
-    conflicts += state.layout_conflicts(checkpoint)
+    try:
+        rows = list(checkpoint["rows"])
+        evaluated = [any(m in row for m in metrics) for row in rows]
+        conflicts = resume_conflicts(checkpoint, identity, plan, evaluated)
+        conflicts += state.layout_conflicts(checkpoint)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # malformed contents
+        raise CheckpointError(
+            f"{report.relative(checkpoint_path)} is malformed ({type(error).__name__}: {error}); "
+            "delete it to train this run from the start"
+        ) from None
     if conflicts:
         raise CheckpointError(
             f"{report.relative(checkpoint_path)} holds another run ({'; '.join(conflicts[:4])}); "

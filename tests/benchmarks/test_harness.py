@@ -240,6 +240,10 @@ def test_corrupt_checkpoint_is_refused(data: Path, tmp_path: Path) -> None:
     torch.save({"epoch": 1}, checkpoint)
     with pytest.raises(CheckpointError, match="not a checkpoint of this harness"):
         run(data, tmp_path, epochs=2)
+    malformed = dict.fromkeys(harness.CHECKPOINT_KEYS, 0) | {"format": harness.CHECKPOINT_FORMAT}
+    torch.save(malformed, checkpoint)
+    with pytest.raises(CheckpointError, match="is malformed"):
+        run(data, tmp_path, epochs=2)
 
 
 def test_foreign_checkpoint_is_refused_before_anything_loads(data: Path, tmp_path: Path) -> None:
