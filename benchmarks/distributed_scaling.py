@@ -21,7 +21,8 @@ a barrier. Reported: the slowest rank's median step time and the largest per-ran
 (VmHWM of /proc/self/status, reset at the baseline, minus VmRSS there).
 
 ``python -m benchmarks.distributed_scaling`` runs the full grid; ``--quick`` a small one.
-Results: ``benchmarks/results/distributed_scaling_cpu[_quick].{json,md}``. Linux only.
+Results: ``--out`` (default ``runs/distributed_scaling/``) as
+``distributed_scaling_cpu[_quick].{json,md}``. Linux only.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import gc
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,9 +46,8 @@ import torch.multiprocessing as mp
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml.distributed import ShardedProxyGMLLoss, data_parallel_loss
 
-from . import reporting
+from .core import cli, measure, report
 
-RESULTS = Path(__file__).parent / "results"
 MIB = 2**20
 MODES = ("single", "data_parallel", "sharded")
 COLUMNS = {
@@ -77,8 +77,7 @@ def _measure_rank(rank: int, config: dict[str, Any], out_dir: str) -> None:
     embeddings = torch.randn(config["batch_per_rank"], config["dim"], generator=generator)
     labels = torch.randint(config["classes"], (config["batch_per_rank"],), generator=generator)
     embeddings.requires_grad_()
-    peak_reset = reporting.reset_peak_rss()
-    baseline = reporting.proc_status_kib("VmRSS") * 1024
+    memory = measure.PeakMemory("cpu").start()
 
     loss_args = {
         "num_classes": config["classes"],
@@ -97,19 +96,21 @@ def _measure_rank(rank: int, config: dict[str, Any], out_dir: str) -> None:
             proxies = loss.proxies
             loss_fn = loss if mode == "single" else data_parallel_loss(loss)
 
-    times = []
-    for _ in range(config["warmup"] + config["repeats"]):
+    def before_step() -> None:
         embeddings.grad = proxies.grad = None
         if mode != "single":
             dist.barrier()
-        start = time.perf_counter()
-        loss_fn(embeddings, labels).backward()
-        times.append(time.perf_counter() - start)
-    peak = reporting.proc_status_kib("VmHWM") * 1024
+
+    times = measure.time_steps(
+        {"step": lambda: loss_fn(embeddings, labels).backward()},
+        config["repeats"],
+        config["warmup"],
+        before_step,
+    )["step"]
     result = {
-        "median_ms": statistics.median(times[config["warmup"] :]) * 1e3,
-        "peak_extra_mib": max(0, peak - baseline) / MIB,
-        "peak_reset": peak_reset,
+        "median_ms": statistics.median(times) * 1e3,
+        "peak_extra_mib": memory.extra_bytes() / MIB,
+        "peak_reset": memory.reset,
         "proxies_per_rank": len(proxies),
         "top_k": loss.top_k,
     }
@@ -162,7 +163,7 @@ def run_config(config: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def build_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
-    cores = reporting.usable_cores()
+    cores = measure.usable_cores()
     grid = []
     for classes_per_rank in args.classes_per_rank:
         for world_size in args.ranks:
@@ -187,7 +188,11 @@ def build_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.distributed_scaling",
+        description=__doc__.split("\n")[0],
+        parents=[cli.common_flags("out")],
+    )
     parser.add_argument("--quick", action="store_true", help="a small grid, a few seconds each")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--classes-per-rank", type=int, nargs="+")
@@ -199,8 +204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    args.out = report.output_folder(args.out, "distributed_scaling")
     if args.classes_per_rank is None:
         args.classes_per_rank = [5_000] if args.quick else [10_000, 100_000]
     if args.repeats is None:
@@ -209,8 +214,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    environment = reporting.capture_environment("cpu")
+    command = report.command_line("benchmarks.distributed_scaling", argv)
+    environment = report.capture_environment("cpu", command)
     rows = []
     for config in build_grid(args):
         row = run_config(config, args.timeout)
@@ -222,13 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     stem = "distributed_scaling_cpu" + ("_quick" if args.quick else "")
-    args.out.mkdir(parents=True, exist_ok=True)
     settings = {
         key: getattr(args, key)
         for key in ("ranks", "classes_per_rank", "proxies_per_class", "dim", "batch_per_rank")
     }
     settings |= {"top_k": args.top_k, "warmup": args.warmup, "repeats": args.repeats}
-    reporting.write_json(args.out / f"{stem}.json", rows, environment, {"settings": settings})
     notes = (
         f"Weak scaling on CPU (gloo): {args.classes_per_rank} classes per rank x "
         f"{args.proxies_per_class} proxies, d={args.dim}, {args.batch_per_rank} samples per "
@@ -237,9 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(proxies, their gradient and the step's temporaries). With more ranks than cores the "
         "ranks time-share the CPU, so times then grow with W by that alone; memory does not.\n"
     )
-    table = reporting.markdown_table(rows, COLUMNS)
-    reporting.write_markdown(
-        args.out / f"{stem}.md", "Distributed scaling (CPU, gloo)", table, environment, notes
+    report.write_results(
+        args.out,
+        stem,
+        rows,
+        environment,
+        title="Distributed scaling (CPU, gloo)",
+        columns=COLUMNS,
+        notes=notes,
+        extra={"settings": settings},
     )
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 

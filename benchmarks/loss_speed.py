@@ -9,32 +9,29 @@ proxy loss pays.
 Each measurement runs in its own worker process (forked from a forkserver that has already
 imported torch), so an out-of-memory kill costs one row, not the run, and peak memory is that
 of one measurement. In the worker: build the inputs and the loss; take the baseline; run
-``--warmup`` steps, then ``--repeats`` timed steps, and report their median.
-
-* Time: ``time.perf_counter`` around each step, with ``torch.cuda.synchronize()`` before and
-  after on CUDA.
-* Peak extra memory: on CPU, VmHWM (peak resident set) of /proc/self/status minus VmRSS at
-  the baseline; VmHWM is reset at the baseline by writing 5 to /proc/self/clear_refs (where
-  the kernel refuses, it counts from the worker's start and the row says ``peak_reset``
-  False). On CUDA, ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the
-  baseline, after resetting the peak. The first (warm-up) step's one-time allocations count
-  too: about 10 MiB on CPU, which only matters at tiny sizes.
+``--warmup`` steps, then ``--repeats`` timed steps, and report their median. Time and peak
+memory come from the benchmarks' one helper (:mod:`benchmarks.core.measure`: perf_counter
+around each step with the device synchronised; CPU peak resident set or CUDA peak allocation
+over the baseline, ``peak_reset`` False where the kernel would not reset the CPU peak). The
+first (warm-up) step's one-time allocations count too: about 10 MiB on CPU, which only matters
+at tiny sizes.
 * Limits: ``--memory-limit-gb`` caps the address space the worker may add after importing
   torch (RLIMIT_AS) on CPU, the caching allocator's share of the GPU on CUDA; a failed
   allocation, or a worker killed by SIGKILL (the kernel's OOM killer), is reported "oom".
   ``--timeout`` bounds a whole measurement (building included); the worker is then killed
   and the row reads "timeout". Any other exception reads "error: ...".
 
-Baselines: ``ProxyAnchorLoss(C, d)``, ``NormalizedSoftmaxLoss(C, d)``, ``ProxyNCALoss(C, d)``
-(one proxy per class) and ``SoftTripleLoss(C, d, centers_per_class=N)``: SoftTriple gets as
+Baselines, by their names in the benchmarks' loss registry: ``proxyanchor``, ``normsoftmax``,
+``proxynca`` (PML's defaults, one proxy per class) and ``softtriple`` with
+``centers_per_class=N`` and no centre regulariser: SoftTriple gets as
 many centres per class as ProxyGML has proxies (not its default 10), so that the two
 multi-proxy losses hold the same C*N vectors. At the CUB point (100 classes x N=12) the
 one-proxy baselines therefore hold 100 proxies where ProxyGML, SoftTriple and the floor hold
 1200; the plot puts that point at C*N = 1200.
 
 Linux only (it reads /proc). Run ``python -m benchmarks.loss_speed --quick`` (a tiny grid)
-or with no flags for the full grid; results go to
-``benchmarks/results/loss_speed_<device>[_quick].{csv,json,md,png}``.
+or with no flags for the full grid; results go to ``--out`` (default ``runs/loss_speed/``)
+as ``loss_speed_<device>[_quick].{csv,json,md,png}``.
 """
 
 from __future__ import annotations
@@ -45,6 +42,7 @@ import re
 import resource
 import signal
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -55,23 +53,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import losses
 from tqdm import tqdm
 
-from pml_proxygml import ProxyGMLLoss
+from .core import cli, measure, registry, report
 
-try:
-    from . import reporting
-except ImportError:  # run as a script, ``python benchmarks/loss_speed.py``
-    import reporting
-
+MEASURED_LOSSES = ("proxyanchor", "proxygml", "softtriple", "normsoftmax", "proxynca")
 LOSS_LABELS = {
     "floor": "floor (matmul)",
-    "proxyanchor": "ProxyAnchor",
-    "proxygml": "ProxyGML",
-    "softtriple": "SoftTriple",
-    "normalizedsoftmax": "NormalizedSoftmax",
-    "proxynca": "ProxyNCA",
+    **{name: registry.LOSSES[name].label for name in MEASURED_LOSSES},
 }
 # The capped-top_k variant of ProxyGML is measured from this many proxies on (r * C * N is
 # then 50,000 with the default r, so the cap changes the selection by a large factor).
@@ -226,26 +215,16 @@ def build_grid(
 
 
 def build_loss(measurement: Measurement) -> torch.nn.Module:
+    """The measured loss from the registry: ProxyGML with this cell's settings, SoftTriple
+    with N centres per class, the others with PML's defaults."""
     m = measurement
+    settings: dict[str, Any] = {}
     if m.loss_name == "proxygml":
-        return ProxyGMLLoss(
-            m.classes,
-            m.embedding_size,
-            proxies_per_class=m.proxies_per_class,
-            r=m.r,
-            top_k=m.top_k,
-            weight_lambda=m.weight_lambda,
-        )
-    if m.loss_name == "softtriple":
-        return losses.SoftTripleLoss(
-            m.classes, m.embedding_size, centers_per_class=m.proxies_per_class
-        )
-    one_proxy_per_class = {
-        "proxyanchor": losses.ProxyAnchorLoss,
-        "normalizedsoftmax": losses.NormalizedSoftmaxLoss,
-        "proxynca": losses.ProxyNCALoss,
-    }
-    return one_proxy_per_class[m.loss_name](m.classes, m.embedding_size)
+        settings = {"proxies_per_class": m.proxies_per_class, "r": m.r}
+        settings |= {"top_k": m.top_k, "weight_lambda": m.weight_lambda}
+    elif m.loss_name == "softtriple":
+        settings = {"centers_per_class": m.proxies_per_class}
+    return registry.build_loss(m.loss_name, m.classes, m.embedding_size, settings)
 
 
 def _limit_memory(device: torch.device, limit_bytes: int) -> None:
@@ -256,7 +235,7 @@ def _limit_memory(device: torch.device, limit_bytes: int) -> None:
     # RLIMIT_AS, not RSS: the kernel enforces no RSS limit. It is never set on CUDA, whose
     # driver reserves far more address space than it uses.
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = reporting.proc_status_kib("VmSize") * 1024 + limit_bytes
+    cap = measure.proc_status_kib("VmSize") * 1024 + limit_bytes
     resource.setrlimit(resource.RLIMIT_AS, (cap if hard < 0 else min(cap, hard), hard))
 
 
@@ -288,7 +267,7 @@ def _build_step(
     return loss_step, [embeddings, *loss.parameters()], getattr(loss, "top_k", None)
 
 
-def measure(measurement: Measurement, settings: Settings) -> dict[str, Any]:
+def measure_step(measurement: Measurement, settings: Settings) -> dict[str, Any]:
     """Run one measurement in this process (the worker) and return its result fields."""
     device = torch.device(settings.device)
     torch.set_num_threads(settings.threads)
@@ -299,37 +278,22 @@ def measure(measurement: Measurement, settings: Settings) -> dict[str, Any]:
     _limit_memory(device, int(settings.memory_limit_gb * 2**30))
     step, with_grad, top_k = _build_step(measurement, device)
 
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        peak_reset = True
-    else:
-        peak_reset = reporting.reset_peak_rss()
-        baseline = reporting.proc_status_kib("VmRSS") * 1024
-    times = []
-    for _ in range(settings.warmup + settings.repeats):
+    def clear_gradients() -> None:
         for tensor in with_grad:
             tensor.grad = None
-        synchronize()
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = reporting.proc_status_kib("VmHWM") * 1024
-    timed = times[settings.warmup :]
+
+    peak = measure.PeakMemory(device).start()
+    timed = measure.time_steps(
+        {"step": step}, settings.repeats, settings.warmup, clear_gradients, device
+    )["step"]
     return {
         "status": "ok",
         "median_ms": statistics.median(timed) * 1e3,
         "min_ms": min(timed) * 1e3,
-        "peak_extra_mib": max(0, peak - baseline) / MIB,
+        "peak_extra_mib": peak.extra_bytes() / MIB,
         "top_k": top_k,
         "threads": torch.get_num_threads(),
-        "peak_reset": peak_reset,
+        "peak_reset": peak.reset,
     }
 
 
@@ -348,7 +312,7 @@ def _failure_status(error: BaseException) -> str:
 
 def _worker(measurement: Measurement, settings: Settings, sender: Connection) -> None:
     try:
-        result = measure(measurement, settings)
+        result = measure_step(measurement, settings)
     except Exception as error:  # every failure must come back as a row
         result = {"status": _failure_status(error)}
     sender.send(result)
@@ -469,7 +433,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     figure.legend(handles, legend_labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    report.save_figure(figure, path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -488,30 +452,35 @@ def run_grid(
 
 def write_results(
     rows: Sequence[dict[str, Any]], environment: dict[str, Any], out_dir: Path, stem: str
-) -> tuple[dict[str, Path], str]:
-    """Write <stem>.csv/.json/.md/.png under ``out_dir``; return the paths and the md table."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("csv", "json", "md", "png")}
-    table = reporting.markdown_table(rows, TABLE_COLUMNS)
-    reporting.write_csv(paths["csv"], rows, CSV_COLUMNS)
-    reporting.write_json(paths["json"], rows, environment)
+) -> dict[str, Path]:
+    """Write <stem>.csv/.json/.md/.png under ``out_dir``; return the paths."""
     notes = (
         f"One step: forward + backward on {environment['device']} with "
         f"{environment['threads']} threads; median of {environment['repeats']} steps after "
         f"{environment['warmup']} warm-up steps. Peak extra memory: "
         f"{environment['peak_memory']}. The method is described in benchmarks/loss_speed.py.\n"
     )
-    reporting.write_markdown(paths["md"], f"Loss speed ({stem})", table, environment, notes)
+    paths = report.write_results(
+        out_dir,
+        stem,
+        rows,
+        environment,
+        title=f"Loss speed ({stem})",
+        columns=TABLE_COLUMNS,
+        notes=notes,
+        csv_columns=CSV_COLUMNS,
+    )
     machine = environment["machine"]
     title = f"{stem}: {machine['cpu_model']}, {environment['threads']} threads"
     if "gpu" in environment:
         title = f"{stem}: {environment['gpu']['name']}"
     try:
+        paths["png"] = out_dir / f"{stem}.png"
         plot(rows, paths["png"], title)
     except ImportError:
         print("matplotlib is missing (pip install 'pml-proxygml[bench]'): no plot written")
         del paths["png"]
-    return paths, table
+    return paths
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -521,8 +490,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
         return f"default: {text(FULL_GRID[key])}; with --quick: {text(QUICK_GRID[key])}"
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--device", help="cpu, cuda or cuda:I (default: cuda if available)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.loss_speed",
+        description=__doc__.split("\n", 1)[0],
+        parents=[cli.common_flags("out", "device", "no_progress")],
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -574,27 +546,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=reporting.usable_cores(),
+        default=measure.usable_cores(),
         help="torch threads (default: the usable cores, %(default)s here)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=reporting.REPO_ROOT / "benchmarks" / "results",
-        help="output folder (default: benchmarks/results)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     grid = QUICK_GRID if args.quick else FULL_GRID
     for key, value in grid.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out = report.output_folder(args.out, "loss_speed")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     settings = Settings(
         args.device, args.threads, args.warmup, args.repeats, args.timeout, args.memory_limit_gb
@@ -608,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.r,
         args.capped_top_k,
     )
-    environment = reporting.capture_environment(settings.device)
+    command = report.command_line("benchmarks.loss_speed", argv)
+    environment = report.capture_environment(settings.device, command)
     environment.update(asdict(settings))
     environment["peak_memory"] = (
         "torch.cuda.max_memory_allocated over the baseline"
@@ -620,8 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     environment["wall_s"] = round(time.perf_counter() - started, 1)
     device_kind = "cuda" if settings.device.startswith("cuda") else "cpu"
     stem = f"loss_speed_{device_kind}" + ("_quick" if args.quick else "")
-    paths, table = write_results(rows, environment, args.out, stem)
-    print(table)
+    paths = write_results(rows, environment, args.out, stem)
+    print(report.markdown_table(rows, TABLE_COLUMNS))
     print(f"{len(rows)} measurements in {environment['wall_s']} s; wrote", *paths.values())
     return 0
 

@@ -16,19 +16,19 @@
    lambda=0, B=32 and 256): time against the floor and ProxyAnchorLoss, interleaved in one
    process, and the step's peak tensor memory from the torch profiler's memory timeline.
 
-Times are medians of ``--repeats`` runs after one warm-up, and every comparison is a ratio
-of measurements taken in the same process. Run ``python -m benchmarks.scale_checks`` (all
-five, about 6 minutes on 2 CPU cores) or name some: ``python -m benchmarks.scale_checks
-backward targets``. Results: ``benchmarks/results/scale_checks_<check>.{json,md}``.
+Times are medians of ``--repeats`` runs after one warm-up (:mod:`benchmarks.core.measure`),
+and every comparison is a ratio of measurements taken in the same process. Run
+``python -m benchmarks.scale_checks`` (all five, about 6 minutes on 2 CPU cores) or name some:
+``python -m benchmarks.scale_checks backward targets``. Results: ``--out`` (default
+``runs/scale_checks/``) as ``scale_checks_<check>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,25 +41,11 @@ from tqdm import tqdm
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
-from . import reporting
+from .core import cli, report
+from .core.measure import PeakMemory, median_seconds, time_steps
 
-RESULTS = Path(__file__).parent / "results"
 MIB = 2**20
-
-
-def median_seconds(step: Callable[[], Any], repeats: int) -> float:
-    step()  # warm-up: first-touch allocations and lazy initialisation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory since the last ``reporting.reset_peak_rss()`` (VmHWM)."""
-    return reporting.proc_status_kib("VmHWM") / 2**20
+GIB = 2**30
 
 
 def _kept_from_dense(x: torch.Tensor, proxies: torch.Tensor, indices: torch.Tensor):
@@ -212,8 +198,7 @@ def check_regularizer(repeats: int, draws: int) -> list[dict[str, Any]]:
 
 def _million_row(sparse: bool, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    reporting.reset_peak_rss()
-    before = reporting.proc_status_kib("VmRSS") / 2**20
+    memory = PeakMemory("cpu").start()
     loss = ProxyGMLLoss(
         1_000_000, 512, proxies_per_class=1, top_k=1000, weight_lambda=0.0, sparse_proxy_grad=sparse
     )
@@ -232,8 +217,8 @@ def _million_row(sparse: bool, repeats: int) -> dict[str, Any]:
     return {
         "optimizer": "SparseAdam, sparse_proxy_grad=True" if sparse else "Adam(fused=True), dense",
         "step s (median)": median_seconds(step, repeats),
-        "peak RSS GiB (process)": peak_rss_gib(),
-        "RSS GiB before building the loss": before,
+        "peak RSS GiB (process)": memory.peak_bytes() / GIB,
+        "RSS GiB before building the loss": memory.baseline / GIB,
     }
 
 
@@ -344,13 +329,7 @@ def _target_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
         return step
 
     steps = {"floor": floor, "ProxyGML": loss_step(proxygml), "ProxyAnchor": loss_step(proxyanchor)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_ in range(repeats + 1):  # round 0 warms up
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if round_ > 0:
-                times[name].append(time.perf_counter() - start)
+    times = time_steps(steps, repeats)  # interleaved round by round, one warm-up round
     median = {name: statistics.median(values) for name, values in times.items()}
     peak, working = allocation_peak_mib(steps["ProxyGML"], [x, proxygml.proxies])
     anchor_peak, _ = allocation_peak_mib(steps["ProxyAnchor"])
@@ -426,26 +405,34 @@ CHECKS = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.scale_checks",
+        description=__doc__.splitlines()[0],
+        parents=[cli.common_flags("out")],
+    )
     parser.add_argument("checks", nargs="*", default=list(CHECKS), help=f"of {list(CHECKS)}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draws", type=int, default=20, help="sampled-regulariser draws")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     unknown = set(args.checks) - set(CHECKS)
     if unknown:
         parser.error(f"unknown checks {sorted(unknown)}; choose from {list(CHECKS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    environment = reporting.capture_environment("cpu")
+    out = report.output_folder(args.out, "scale_checks")
+    command = report.command_line("benchmarks.scale_checks", argv)
+    environment = report.capture_environment("cpu", command)
     for name in args.checks:
         rows = CHECKS[name](args)
-        table = reporting.markdown_table(rows, {key: key for key in rows[0]})
-        reporting.write_json(args.out / f"scale_checks_{name}.json", rows, environment)
-        notes = CHECKS_DOC[name]
-        reporting.write_markdown(
-            args.out / f"scale_checks_{name}.md", f"scale_checks: {name}", table, environment, notes
+        report.write_results(
+            out,
+            f"scale_checks_{name}",
+            rows,
+            environment,
+            title=f"scale_checks: {name}",
+            columns={key: key for key in rows[0]},
+            notes=CHECKS_DOC[name],
         )
-        print(f"\n## {name}\n\n{table}")
+        print(f"\n## {name}\n\n{report.markdown_table(rows, {key: key for key in rows[0]})}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -38,43 +38,16 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN
 
 __all__ = [
-    "CUB_CARS_RECALL_KS",
-    "PAPER_METRICS",
-    "SOP_RECALL_KS",
+    "DEFAULT_RECALL_KS",
     "DMLAccuracyCalculator",
     "as_float_dict",
-    "paper_metrics",
     "recall_key",
-    "recall_ks_for",
 ]
 
-# The K lists used in the ProxyGML paper's tables (and most DML papers since 2016).
-CUB_CARS_RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
-SOP_RECALL_KS: tuple[int, ...] = (1, 10, 100, 1000)
-
-# Normalised dataset names (lower case, "-"/"_"/" " removed) -> K list.
-_DATASET_RECALL_KS: dict[str, tuple[int, ...]] = {
-    "cub": CUB_CARS_RECALL_KS,
-    "cub200": CUB_CARS_RECALL_KS,
-    "cub2002011": CUB_CARS_RECALL_KS,
-    "cars": CUB_CARS_RECALL_KS,
-    "cars196": CUB_CARS_RECALL_KS,
-    "sop": SOP_RECALL_KS,
-    "onlineproducts": SOP_RECALL_KS,
-    "stanfordonlineproducts": SOP_RECALL_KS,
-}
-
-# PML metrics the paper (or its usual companions) reports next to Recall@K.
-PAPER_METRICS: tuple[str, ...] = (
-    "NMI",
-    "precision_at_1",
-    "r_precision",
-    "mean_average_precision_at_r",
-)
+# Recall@1/2/4/8, the usual report of DML papers on small datasets; any K list can be given.
+DEFAULT_RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
 
 _RECALL_PREFIX = "recall_at_"
-
-RecallKs = Union[Sequence[int], str]
 
 
 def recall_key(k: int) -> str:
@@ -82,19 +55,11 @@ def recall_key(k: int) -> str:
     return f"{_RECALL_PREFIX}{k}"
 
 
-def recall_ks_for(dataset: str) -> tuple[int, ...]:
-    """The paper's K list for a dataset: (1, 2, 4, 8) for CUB/Cars, (1, 10, 100, 1000) for SOP."""
-    name = "".join(c for c in dataset.lower() if c.isalnum())
-    try:
-        return _DATASET_RECALL_KS[name]
-    except KeyError:
-        known = ", ".join(sorted(_DATASET_RECALL_KS))
-        raise ValueError(f"unknown dataset style {dataset!r}; expected one of: {known}") from None
-
-
-def _validate_ks(recall_ks: RecallKs) -> tuple[int, ...]:
+def _validate_ks(recall_ks: Sequence[int]) -> tuple[int, ...]:
     if isinstance(recall_ks, str):
-        return recall_ks_for(recall_ks)
+        raise ValueError(
+            f"recall_ks must be a sequence of positive ints, got the string {recall_ks!r}"
+        )
     ks = tuple(recall_ks)
     # bool is an int subclass; True as "K=1" is almost certainly a mistake.
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
@@ -116,8 +81,8 @@ class DMLAccuracyCalculator(AccuracyCalculator):
     """PML ``AccuracyCalculator`` with Recall@K metrics and cosine retrieval by default.
 
     Args:
-        recall_ks: the K values of Recall@K, or a dataset style accepted by
-            :func:`recall_ks_for` (``"cub"``, ``"cars"``, ``"sop"``, ...).
+        recall_ks: the K values of Recall@K, e.g. ``(1, 10, 100, 1000)`` for a large
+            dataset such as SOP.
         normalize_embeddings: L2-normalise query and reference before any metric, so that
             k-NN ranks by cosine similarity and k-means clusters unit vectors.
         k: as in PML, but the number of neighbours actually searched is raised to
@@ -139,7 +104,7 @@ class DMLAccuracyCalculator(AccuracyCalculator):
 
     def __init__(
         self,
-        recall_ks: RecallKs = CUB_CARS_RECALL_KS,
+        recall_ks: Sequence[int] = DEFAULT_RECALL_KS,
         *,
         normalize_embeddings: bool = True,
         k: int | str | None = "max_bin_count",
@@ -222,16 +187,6 @@ class DMLAccuracyCalculator(AccuracyCalculator):
     def get_flat_accuracy(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """``get_accuracy`` with the result passed through :func:`as_float_dict`."""
         return as_float_dict(self.get_accuracy(*args, **kwargs))
-
-
-def paper_metrics(dataset: str = "cub", **kwargs: Any) -> DMLAccuracyCalculator:
-    """Calculator for the paper's table: Recall@K for ``dataset``'s K list, NMI, P@1, RP, MAP@R.
-
-    ``kwargs`` go to :class:`DMLAccuracyCalculator` (``include`` overrides the selection).
-    """
-    ks = recall_ks_for(dataset)
-    kwargs.setdefault("include", (*(recall_key(k) for k in ks), *PAPER_METRICS))
-    return DMLAccuracyCalculator(ks, **kwargs)
 
 
 def as_float_dict(results: Mapping[str, Any]) -> dict[str, float]:

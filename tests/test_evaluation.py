@@ -8,14 +8,10 @@ from pytorch_metric_learning.utils.inference import FaissKMeans, FaissKNN
 from sklearn.metrics import normalized_mutual_info_score
 
 from pml_proxygml.evaluation import (
-    CUB_CARS_RECALL_KS,
-    PAPER_METRICS,
-    SOP_RECALL_KS,
+    DEFAULT_RECALL_KS,
     DMLAccuracyCalculator,
     as_float_dict,
-    paper_metrics,
     recall_key,
-    recall_ks_for,
 )
 
 KS = (1, 2, 4, 8, 16)
@@ -136,7 +132,7 @@ def test_recall_k_capped_at_available_neighbours():
     x = np.random.default_rng(3).normal(size=(6, 4))
     y = np.array([0, 0, 1, 1, 2, 2])
     spy = SpyKNN()
-    calc = DMLAccuracyCalculator(SOP_RECALL_KS, knn_func=spy, include=(recall_key(1000),))
+    calc = DMLAccuracyCalculator((1, 10, 100, 1000), knn_func=spy, include=(recall_key(1000),))
     got = calc.get_flat_accuracy(x, y)
     assert spy.ks == [5]
     assert got[recall_key(1000)] == 1.0
@@ -231,25 +227,21 @@ def test_nmi_near_one_on_separated_blobs_and_near_zero_on_random_labels():
     assert calc.get_flat_accuracy(blobs, random_labels)["NMI"] < 0.05
 
 
-def test_recall_ks_for_dataset_styles():
-    assert recall_ks_for("cub") == (1, 2, 4, 8) == CUB_CARS_RECALL_KS
-    assert recall_ks_for("CUB-200-2011") == (1, 2, 4, 8)
-    assert recall_ks_for("cars196") == (1, 2, 4, 8)
-    assert recall_ks_for("sop") == (1, 10, 100, 1000) == SOP_RECALL_KS
-    assert recall_ks_for("Stanford_Online_Products") == (1, 10, 100, 1000)
-    with pytest.raises(ValueError, match="unknown dataset"):
-        recall_ks_for("imagenet")
-
-
-def test_paper_metrics_and_constructor_dataset_option():
-    sop = paper_metrics("sop")
-    assert sop.recall_keys == ("recall_at_1", "recall_at_10", "recall_at_100", "recall_at_1000")
-    assert set(sop.get_curr_metrics()) == {*sop.recall_keys, *PAPER_METRICS}
-    cub = paper_metrics("cub")
-    cub_keys = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8")
-    assert set(cub.get_curr_metrics()) == {*cub_keys, *PAPER_METRICS}
-    assert DMLAccuracyCalculator("cars").recall_ks == (1, 2, 4, 8)
+def test_any_recall_ks_with_any_pml_metrics():
+    assert DMLAccuracyCalculator().recall_ks == DEFAULT_RECALL_KS == (1, 2, 4, 8)
     assert DMLAccuracyCalculator((8, 1, 4, 1)).recall_ks == (1, 4, 8)
+    others = ("NMI", "precision_at_1", "r_precision", "mean_average_precision_at_r")
+    large = DMLAccuracyCalculator(
+        (1, 10, 100, 1000), include=(*(recall_key(k) for k in (1, 10, 100, 1000)), *others)
+    )
+    assert large.recall_keys == ("recall_at_1", "recall_at_10", "recall_at_100", "recall_at_1000")
+    assert set(large.get_curr_metrics()) == {*large.recall_keys, *others}
+
+
+def test_dataset_names_are_not_k_lists():
+    """The paper's per-dataset K lists live in the benchmarks' recipes, not in the library."""
+    with pytest.raises(ValueError, match="got the string 'sop'"):
+        DMLAccuracyCalculator("sop")
 
 
 @pytest.mark.parametrize("bad", [(), (0,), (2, -1), (True,), (1.5,)])

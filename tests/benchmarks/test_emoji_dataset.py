@@ -1,11 +1,17 @@
-"""Emoji dataset builder on tiny fake npm packages laid out like the real ones (no network)."""
+"""Emoji dataset builder on tiny fake npm packages laid out like the real ones, fetched in
+Python from a local stand-in registry (no network, no Node.js)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
-import os
-import sys
 import tarfile
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.datasets import emoji
+from benchmarks.core.datasets import emoji, npm
+from benchmarks.core.errors import DataError
 
 VENDOR = {v.key: v for v in emoji.VENDORS}
 TWEMOJI, FLUENT_3D, OPENMOJI = VENDOR["twemoji"], VENDOR["fluent-3d"], VENDOR["openmoji"]
@@ -210,76 +217,82 @@ def test_flags_can_be_kept(packages: Path, tmp_path: Path) -> None:
     assert manifest["inventory"]["excluded"] == {"component": 1}
 
 
-def test_dataset_remaps_labels(built: Path) -> None:
+def test_a_build_opens_as_train_and_test_classes(built: Path) -> None:
     arrays, manifest = _load(built)
-    for split in ("train", "test"):
-        dataset = emoji.EmojiDataset(built / emoji.NPZ_NAME, split=split)
-        assert len(dataset) == 8
-        assert sorted(set(dataset.labels.tolist())) == [0, 1, 2, 3]
-        assert dataset.class_ids.tolist() == manifest["split"][split]
-        image, label = dataset[3]
-        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
-        assert image.min() >= 0.0 and image.max() <= 1.0
-        source = np.flatnonzero(arrays["labels"] == dataset.class_ids[label])
-        assert any(
-            torch.equal(image, torch.from_numpy(arrays["images"][i]).permute(2, 0, 1) / 255.0)
-            for i in source
-        )
-    normalised, _ = emoji.EmojiDataset(built, split="test", normalize=True)[3]
-    assert torch.allclose(normalised[0] * 0.229 + 0.485, image[0], atol=1e-6)
-    with pytest.raises(ValueError, match="split"):
-        emoji.EmojiDataset(built, split="val")
+    splits = emoji.open_splits(None, built)
+    for source, split in ((splits.train, "train"), (splits.eval, "test")):
+        assert len(source) == 8 and source.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        ids = manifest["split"][split]
+        assert source.class_names == [manifest["classes"][i]["short_name"] for i in ids]
+        image = source.image(3)
+        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
+        original = np.flatnonzero(arrays["labels"] == ids[1])[1]
+        assert torch.equal(image, torch.from_numpy(arrays["images"][original]).permute(2, 0, 1))
+    assert splits.info["npz_sha256"] == manifest["npz"]["sha256"]
 
 
-def test_augmentation_keeps_shape_and_is_seeded(built: Path) -> None:
-    plain = emoji.EmojiDataset(built, split="train")
-    dataset = emoji.EmojiDataset(built, split="train", augment=True, seed=3)
-    idx = next(i for i in range(len(plain)) if plain[i][0].std() > 0.1)  # a textured image
-    first, label = dataset[idx]
-    assert first.shape == (3, SIZE, SIZE) and first.dtype == torch.float32
-    assert label == plain[idx][1]
-    assert first.min() >= 0.0 and first.max() <= 1.0
-    assert torch.equal(first, emoji.EmojiDataset(built, augment=True, seed=3)[idx][0])
-    assert not torch.equal(first, plain[idx][0])
-    dataset.set_epoch(1)
-    assert not torch.equal(first, dataset[idx][0])
+# ----------------------------------------------------------------------------- fetching
 
 
-def test_missing_npm_error_names_the_install(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def tarball(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname="package")
+    return buffer.getvalue()
+
+
+def sri(data: bytes) -> str:
+    return "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+
+
+class Registry:
+    """A stand-in npm registry on localhost: metadata and tarballs of the fake packages."""
+
+    def __init__(self, packages: Path, vendors: list[emoji.Vendor]) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                registry.requests.append(self.path)
+                body = registry.files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        for vendor in vendors:
+            package = vendor.package
+            data = tarball(package.folder(packages))
+            path = f"/{package.name}/-/{package.name.split('/')[-1]}-{package.version}.tgz"
+            self.files[path] = data
+            dist = {"tarball": self.url.rstrip("/") + path, "integrity": sri(data)}
+            metadata = {"name": package.name, "versions": {package.version: {"dist": dist}}}
+            self.files["/" + urllib.parse.quote(package.name, safe="@")] = json.dumps(
+                metadata
+            ).encode()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def registry(packages: Path) -> Iterator[Registry]:
+    served = Registry(packages, [TWEMOJI, FLUENT_3D])
+    yield served
+    served.server.shutdown()
+    served.server.server_close()
+
+
+def test_fetch_downloads_verifies_and_extracts_in_python(
+    packages: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
-    with pytest.raises(emoji.NpmNotFoundError, match="apt-get install nodejs npm"):
-        emoji.fetch_packages([TWEMOJI.package], tmp_path)
-    with pytest.raises(SystemExit, match="npm is not on PATH"):
-        emoji.main(["--out", str(tmp_path / "out"), "--cache", str(tmp_path)])
-
-
-def test_fetch_packs_and_extracts_with_npm(
-    packages: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """A stand-in ``npm`` on PATH serves tarballs of the fake packages."""
-    registry = tmp_path / "registry"
-    registry.mkdir()
-    for vendor in (TWEMOJI, FLUENT_3D):
-        name = vendor.package.name.lstrip("@").replace("/", "-")
-        with tarfile.open(registry / f"{name}-{vendor.package.version}.tgz", "w:gz") as tar:
-            tar.add(vendor.package.folder(packages), arcname="package")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_npm = bin_dir / "npm"
-    fake_npm.write_text(
-        f"#!{sys.executable}\n"
-        "import json, shutil, sys\n"
-        "name, version = sys.argv[2].rsplit('@', 1)\n"
-        "tgz = name.lstrip('@').replace('/', '-') + '-' + version + '.tgz'\n"
-        "dest = sys.argv[sys.argv.index('--pack-destination') + 1]\n"
-        f"shutil.copy({str(registry)!r} + '/' + tgz, dest)\n"
-        "print(json.dumps([{'filename': tgz}]))\n"
-    )
-    fake_npm.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-
+    monkeypatch.setenv("HOME", str(tmp_path))  # no user .npmrc
+    monkeypatch.setenv("npm_config_registry", registry.url)
+    monkeypatch.setenv("PATH", "")  # no node, no npm
     cache = tmp_path / "cache"
     root = emoji.fetch_packages(emoji.required_packages([TWEMOJI, FLUENT_3D]), cache)
     webp = FLUENT_3D.package.folder(root) / "assets" / "1f600.webp"
@@ -287,20 +300,73 @@ def test_fetch_packs_and_extracts_with_npm(
         webp.read_bytes() == (FLUENT_3D.package.folder(packages) / "assets/1f600.webp").read_bytes()
     )
     assert sorted(p.name for p in root.iterdir()) == ["@lobehub", "emoji-datasource-twitter@16.0.0"]
+    assert "/@lobehub%2Ffluent-emoji-3d" in registry.requests
 
-    # Everything is cached now: npm is not needed again.
-    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    # Everything is cached now: the registry is not asked again.
+    registry.requests.clear()
     assert emoji.fetch_packages(emoji.required_packages([TWEMOJI, FLUENT_3D]), cache) == root
+    assert registry.requests == []
+
+
+def test_a_tarball_that_fails_its_integrity_check_is_not_extracted(
+    registry: Registry, tmp_path: Path
+) -> None:
+    path = next(p for p in registry.files if p.endswith(".tgz") and "twitter" in p)
+    registry.files[path] = registry.files[path][:-10] + b"0123456789"
+    settings = {"registry": registry.url}
+    with pytest.raises(
+        DataError, match=r"emoji-datasource-twitter@16\.0\.0: sha512 is .*, the registry says"
+    ):
+        npm.fetch(TWEMOJI.package, tmp_path, settings)
+    assert not TWEMOJI.package.folder(tmp_path).exists()
+    with pytest.raises(DataError, match=r"cannot fetch .*left-pad \(HTTP Error 404"):
+        npm.fetch(npm.Package("left-pad", "1.0.0"), tmp_path, settings)
+
+
+def test_npm_settings_follow_npms_precedence(tmp_path: Path) -> None:
+    home, project = tmp_path / "home", tmp_path / "project"
+    home.mkdir()
+    project.mkdir()
+    (home / ".npmrc").write_text(
+        "registry=https://home.example/npm/\n"
+        "; a comment\n"
+        "//mirror.example/npm/:_authToken=${TOKEN}\n"
+    )
+    (project / ".npmrc").write_text(
+        "registry = https://project.example/\n@lobehub:registry=https://mirror.example/npm\n"
+    )
+    environ = {"TOKEN": "s3cret"}
+    settings = npm.npm_settings(environ, home, (project,))
+    assert npm.registry_for(TWEMOJI.package, settings) == "https://project.example/"
+    scoped = npm.registry_for(FLUENT_3D.package, settings)
+    assert scoped == "https://mirror.example/npm/"
+    assert npm.auth_headers(scoped + "@lobehub%2ffluent-emoji-3d", settings) == {
+        "Authorization": "Bearer s3cret"
+    }
+    assert npm.auth_headers("https://project.example/x", settings) == {}
+    environ["NPM_CONFIG_REGISTRY"] = "https://env.example"
+    settings = npm.npm_settings(environ, home, (project,))
+    assert npm.registry_for(TWEMOJI.package, settings) == "https://env.example/"
+    assert npm.registry_for(
+        TWEMOJI.package, npm.npm_settings({}, tmp_path / "none", (tmp_path,))
+    ) == (npm.DEFAULT_REGISTRY)
+
+
+def test_integrity_strings() -> None:
+    data = b"payload"
+    npm.check_integrity(data, f"sha1-xxx {sri(data)}", "p")  # the strongest hash decides
+    with pytest.raises(DataError, match="no supported hash"):
+        npm.check_integrity(data, "md5-abc", "p")
 
 
 def test_extract_rejects_paths_outside_the_package(tmp_path: Path) -> None:
-    tarball = tmp_path / "evil.tgz"
     payload = tmp_path / "payload"
     payload.write_text("x")
-    with tarfile.open(tarball, "w:gz") as tar:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(payload, arcname="package/../../escaped")
-    with pytest.raises(ValueError, match="unsafe path"):
-        emoji._extract(tarball, tmp_path / "pkg")
+    with pytest.raises(DataError, match="unsafe path"):
+        npm.extract(buffer.getvalue(), tmp_path / "pkg")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "pkg").exists()
 
 

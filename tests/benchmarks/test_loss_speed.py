@@ -1,4 +1,4 @@
-"""benchmarks/loss_speed.py and benchmarks/reporting.py on tiny shapes (a few seconds)."""
+"""benchmarks/loss_speed.py and the core's report and measure helpers on tiny shapes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from benchmarks import loss_speed, reporting
+from benchmarks import loss_speed
+from benchmarks.core import measure, report
 from benchmarks.loss_speed import ClassSpec, Measurement, Settings
 
 TINY = ["--classes", "4x3", "--batch-sizes", "8", "--embedding-size", "16", "--lambdas", "0.3"]
@@ -145,14 +146,14 @@ def test_markdown_table_formats_and_escapes():
         {"name": "a", "ms": 1234.5, "ratio": 0.012345, "n": 3},
         {"name": "err|x\ny", "ms": None, "ratio": float("nan"), "n": 12},
     ]
-    table = reporting.markdown_table(rows, {"name": "loss", "ms": "median ms", "ratio": "x"})
+    table = report.markdown_table(rows, {"name": "loss", "ms": "median ms", "ratio": "x"})
     assert table == (
         "| loss | median ms | x |\n|---|---:|---:|\n| a | 1234 | 0.0123 |\n| err\\|x y | — | — |\n"
     )
 
 
 def test_environment_has_the_expected_keys():
-    environment = reporting.capture_environment("cpu")
+    environment = report.capture_environment("cpu", "python -m benchmarks.loss_speed")
     assert {
         "date",
         "command",
@@ -170,4 +171,53 @@ def test_environment_has_the_expected_keys():
         environment["machine"].keys()
     )
     assert re.fullmatch("[0-9a-f]{40}", environment["git_commit"])
+    assert environment["command"] == "python -m benchmarks.loss_speed"
     json.dumps(environment)  # it goes into the JSON results as is
+
+
+def test_command_lines_and_paths_are_relative(tmp_path):
+    inside = report.REPO_ROOT / "runs" / "x"
+    assert report.relative(inside) == "runs/x"
+    assert not report.relative(tmp_path).startswith("/")
+    command = report.command_line("benchmarks.run", ["--out", str(inside), "--seeds", "0"])
+    assert command == "python -m benchmarks.run --out runs/x --seeds 0"
+
+
+def test_time_steps_interleaves_rounds_and_skips_warmup():
+    calls = []
+    times = measure.time_steps(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=2,
+        warmup=1,
+        before=lambda: calls.append("-"),
+    )
+    assert calls == ["-", "a", "-", "b"] * 3
+    assert [len(v) for v in times.values()] == [2, 2]
+    assert all(t >= 0 for v in times.values() for t in v)
+    with pytest.raises(ValueError, match="repeats"):
+        measure.time_steps({"a": lambda: None}, repeats=0)
+
+
+def test_peak_memory_sees_a_large_temporary():
+    memory = measure.PeakMemory("cpu").start()
+    block = bytearray(64 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    del block
+    if memory.reset:  # the kernel let us reset the peak: the 64 MiB show above the baseline
+        assert memory.extra_bytes() >= 60 * 2**20
+
+
+def test_writers_are_atomic(tmp_path):
+    path = tmp_path / "a" / "r.json"
+    report.write_json(path, [{"x": 1}], {"device": "cpu"})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError), report.atomic_file(path) as file:
+        file.write("half")
+        raise RuntimeError("crash inside the block")
+    assert path.read_bytes() == before  # the failed write left the old file
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_results_go_to_the_untracked_runs_folder_by_default():
+    assert loss_speed.parse_args([]).out == report.RUNS_ROOT / "loss_speed"
+    assert report.output_folder(None, "x") == report.RUNS_ROOT / "x"

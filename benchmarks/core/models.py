@@ -1,4 +1,4 @@
-"""Backbones and the embedding head of the paper-reproduction kit.
+"""Backbones, the pooling trunk and the embedding head, for every recipe.
 
 * ``bn_inception``: BN-Inception (Ioffe & Szegedy, 2015) as converted from Caffe by the
   ``pretrainedmodels`` project, the backbone of the ProxyGML and Proxy-Anchor papers. The layer
@@ -7,11 +7,13 @@
   downloaded on first use and cached by ``torch.hub`` (never at import, never in tests).
 * ``resnet50``: torchvision's ImageNet ResNet-50, a modern alternative (torchvision is an
   optional dependency, imported only when this backbone is asked for).
+* ``small_cnn``: four Conv3x3-BN-ReLU stages with max-pooling between them, trained from
+  scratch (the emoji recipes).
 * ``tiny``: two strided convolutions, a stand-in for tests (no pretrained weights).
 
 A model is a :class:`Trunk` (backbone feature maps, global pooling, optional autocast) and an
-:class:`EmbeddingHead` (``Linear(features, dim)`` then L2 normalisation), the ``trunk`` and
-``embedder`` of PML's trainers.
+:class:`EmbeddingHead` (``Linear(features, dim)``, then L2 normalisation unless switched off),
+the ``trunk`` and ``embedder`` of PML's trainers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .paper_data import CAFFE_BGR, IMAGENET_RGB, PixelSpec
+from .transforms import CAFFE_BGR, IMAGENET_RGB, PixelSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -213,10 +215,38 @@ class TinyBackbone(nn.Sequential):
         )
 
 
-def tiny(pretrained: bool = False, weights: str | Path | None = None) -> TinyBackbone:
-    if pretrained or weights is not None:
-        raise ValueError("the tiny backbone has no pretrained weights: set model.pretrained=false")
-    return TinyBackbone()
+class SmallCNN(nn.Sequential):
+    """Conv3x3-BN-ReLU stages with 2x2 max-pooling between them; feature maps out.
+
+    With the default widths a 48x48 image is seen at 48, 24, 12 and 6 pixels; about 34M
+    multiply-adds per image.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        layers: list[nn.Module] = []
+        channels = 3
+        for i, width in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            channels = width
+        super().__init__(*layers)
+        self.num_features = channels
+
+
+def _from_scratch(module: type[nn.Module]) -> Callable[[bool, Any], nn.Module]:
+    def build(pretrained: bool = False, weights: str | Path | None = None) -> nn.Module:
+        if pretrained or weights is not None:
+            raise ValueError(
+                f"{module.__name__} has no pretrained weights: set model.pretrained=false"
+            )
+        return module()
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -231,7 +261,8 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     "bn_inception": BackboneSpec(bn_inception, BNInception.num_features, CAFFE_BGR),
     "resnet50": BackboneSpec(resnet50, 2048, IMAGENET_RGB),
-    "tiny": BackboneSpec(tiny, TinyBackbone.num_features, CAFFE_BGR),
+    "small_cnn": BackboneSpec(_from_scratch(SmallCNN), 256, IMAGENET_RGB),
+    "tiny": BackboneSpec(_from_scratch(TinyBackbone), TinyBackbone.num_features, CAFFE_BGR),
 }
 
 
@@ -295,15 +326,19 @@ class Trunk(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """``Linear(num_features, dim)`` then L2 normalisation (the embedding for loss and test).
+    """``Linear(num_features, dim)``, then L2 normalisation if ``normalize``.
 
     ``init``: ``"pytorch"`` (ProxyGML: PyTorch's default Linear init) or
     ``"kaiming_fan_out"`` (Proxy-Anchor: Kaiming-normal weights, fan-out mode, zero bias).
+    Without normalisation the losses and the evaluation normalise (cosine similarity).
     """
 
-    def __init__(self, num_features: int, dim: int, init: str = "pytorch") -> None:
+    def __init__(
+        self, num_features: int, dim: int, init: str = "pytorch", normalize: bool = True
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(num_features, dim)
+        self.normalize = normalize
         if init == "kaiming_fan_out":
             nn.init.kaiming_normal_(self.linear.weight, mode="fan_out")
             nn.init.zeros_(self.linear.bias)
@@ -311,22 +346,25 @@ class EmbeddingHead(nn.Module):
             raise ValueError(f"init must be 'pytorch' or 'kaiming_fan_out', got {init!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(x), p=2, dim=1)
+        embeddings = self.linear(x)
+        return F.normalize(embeddings, p=2, dim=1) if self.normalize else embeddings
 
 
 def build_models(
     backbone: str,
-    dim: int,
+    embedding_size: int,
     *,
-    pretrained: bool,
+    pretrained: bool = False,
     weights: str | Path | None = None,
     pooling: str = "avg",
-    init: str = "pytorch",
+    embedding_init: str = "pytorch",
+    normalize_embeddings: bool = True,
     amp: str = "off",
 ) -> tuple[Trunk, EmbeddingHead]:
-    """The ``(trunk, embedder)`` pair for PML's trainers."""
+    """The ``(trunk, embedder)`` pair for PML's trainers (the fields of a recipe's ``model``)."""
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
     spec = BACKBONES[backbone]
     trunk = Trunk(spec.build(pretrained, weights), spec.num_features, pooling, amp)
-    return trunk, EmbeddingHead(spec.num_features, dim, init)
+    head = EmbeddingHead(spec.num_features, embedding_size, embedding_init, normalize_embeddings)
+    return trunk, head

@@ -1,11 +1,12 @@
 """Emoji retrieval dataset: one class per emoji, one image per vendor design.
 
-Built offline from pinned npm packages fetched with ``npm pack``, so only the npm registry is
-needed. Vendors (artwork licence): Twemoji 16 (CC-BY-4.0), Google Noto (Apache-2.0), Noto's
-Android 7 "blob" design (Apache-2.0) and EmojiOne 2.2.7 (CC-BY-4.0) as 64 px PNGs from
-emoji-datasource; Microsoft Fluent 3D (MIT) as WebP; OpenMoji (CC-BY-SA-4.0) and Fluent Color and
-Flat (MIT) as SVG, rasterised with resvg-py (the resvg Rust renderer in a self-contained wheel, no
-system library). Apple and Facebook artwork is not freely licensed and is never read.
+Built offline from pinned npm packages, fetched by :mod:`.npm` in Python (Node.js is not
+needed) and checked against the registry's integrity hashes. Vendors (artwork licence):
+Twemoji 16 (CC-BY-4.0), Google Noto (Apache-2.0), Noto's Android 7 "blob" design (Apache-2.0)
+and EmojiOne 2.2.7 (CC-BY-4.0) as 64 px PNGs from emoji-datasource; Microsoft Fluent 3D (MIT)
+as WebP; OpenMoji (CC-BY-SA-4.0) and Fluent Color and Flat (MIT) as SVG, rasterised with
+resvg-py (the resvg Rust renderer in a self-contained wheel, no system library). Apple and
+Facebook artwork is not freely licensed and is never read.
 
 Class policy, also written into the manifest:
 
@@ -24,7 +25,9 @@ Every vendor file left unused is counted with a reason; missing and unreadable f
 listed by path. Output: ``emoji.npz`` (uint8 images (n, size, size, 3), int64 labels and vendor
 ids, written with fixed zip timestamps so equal inputs give equal bytes) and ``manifest.json``.
 
-CLI: ``python -m benchmarks.datasets.emoji --out DIR [--size 48] [--cache DIR]``.
+Build: ``python -m benchmarks.build_dataset emoji --out DIR [--size 48] [--cache DIR]``. The
+emoji recipes build it into ``benchmarks/.cache/emoji`` when that folder has none, and
+nowhere else (a mistyped ``--data-root`` is an error, not a download).
 """
 
 from __future__ import annotations
@@ -33,33 +36,30 @@ import argparse
 import hashlib
 import io
 import json
-import math
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 import time
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from .. import report
+from ..errors import DataError
+from .common import Splits, TensorImages, class_split
+from .npm import Package, fetch, npm_settings
+
 NPZ_NAME = "emoji.npz"
 MANIFEST_NAME = "manifest.json"
-DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "emoji"
+DEFAULT_CACHE = report.REPO_ROOT / "benchmarks" / ".cache" / "emoji"
 RESAMPLE = Image.Resampling.LANCZOS
 # SVGs are rendered at twice the output size, then take the same resize as the bitmaps.
 SVG_SCALE = 2
@@ -67,33 +67,6 @@ VARIATION_SELECTOR_16 = 0xFE0F
 SKIN_TONES = range(0x1F3FB, 0x1F400)
 # Hex code points joined by "-" or "_", as every directory-layout vendor names its files.
 _FILE_NAME = re.compile(r"([0-9a-f]{2,6}(?:[-_][0-9a-f]{2,6})*)\.(?:png|webp|svg)", re.IGNORECASE)
-# Light augmentation: random resized crop. No flips or rotations (arrows, pointing hands and
-# text-bearing emoji are distinct classes under mirroring) and no colour jitter (colour alone
-# separates hearts, circles and squares); the area range is narrow because size does too.
-CROP_SCALE = (0.8, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class NpmNotFoundError(RuntimeError):
-    """Raised when packages must be fetched and ``npm`` is not on PATH."""
-
-
-@dataclass(frozen=True)
-class Package:
-    """An npm package pinned to an exact version."""
-
-    name: str
-    version: str
-
-    @property
-    def spec(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def folder(self, root: Path) -> Path:
-        """Where the extracted package lives under ``root`` (``root/name@version``)."""
-        return root / self.spec
 
 
 @dataclass(frozen=True)
@@ -179,74 +152,19 @@ POLICY = {
 # ----------------------------------------------------------------------------- fetching
 
 
-def require_npm() -> str:
-    """Path of the ``npm`` executable, or a clear error naming how to install it."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise NpmNotFoundError(
-            "npm is not on PATH; it fetches the emoji packages. Install Node.js and npm "
-            "(Debian/Ubuntu: apt-get install nodejs npm), or build from already-extracted "
-            "packages with --packages DIR."
-        )
-    return npm
-
-
 def required_packages(vendors: Iterable[Vendor], inventory: Package = INVENTORY) -> list[Package]:
     """The distinct packages a build reads, sorted."""
     return sorted({inventory, *(vendor.package for vendor in vendors)}, key=lambda p: p.spec)
 
 
 def fetch_packages(packages: Iterable[Package], cache_dir: Path) -> Path:
-    """``npm pack`` and extract each package not yet in ``cache_dir``; return the packages root."""
+    """Fetch and extract each package not yet in ``cache_dir``; return the packages root."""
     root = cache_dir / "packages"
     missing = [p for p in packages if not (p.folder(root) / "package.json").is_file()]
-    if missing:
-        npm = require_npm()
-        root.mkdir(parents=True, exist_ok=True)
-        for package in tqdm(missing, desc="npm pack", unit="pkg"):
-            # The extracted folder is the cache (npm keeps its own copy of the tarball).
-            with tempfile.TemporaryDirectory(dir=root) as tarballs:
-                _extract(_npm_pack(npm, package, Path(tarballs)), package.folder(root))
+    settings = npm_settings() if missing else {}
+    for package in tqdm(missing, desc="npm packages", unit="pkg"):
+        fetch(package, root, settings)
     return root
-
-
-def _npm_pack(npm: str, package: Package, dest: Path) -> Path:
-    result = subprocess.run(
-        [npm, "pack", package.spec, "--json", "--ignore-scripts", "--pack-destination", str(dest)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"npm pack {package.spec} failed:\n{result.stderr.strip()[-2000:]}")
-    return dest / json.loads(result.stdout)[0]["filename"]
-
-
-def _extract(tarball: Path, dest: Path) -> None:
-    """Extract the regular files of an npm tarball into ``dest``, dropping its top folder."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Extract beside dest and rename at the end, so a broken run never looks like a package.
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-    try:
-        with tarfile.open(tarball, "r:gz") as tar:
-            for member in tar:
-                # Links and devices are never needed, and links could point outside dest.
-                if not member.isfile():
-                    continue
-                parts = PurePosixPath(member.name).parts[1:]
-                if not parts or PurePosixPath(member.name).is_absolute() or ".." in parts:
-                    raise ValueError(f"unsafe path {member.name!r} in {tarball}")
-                target = tmp.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None  # regular files always have data
-                with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -296,7 +214,7 @@ def _package_record(root: Path, package: Package) -> dict[str, Any]:
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{package.spec} is not extracted at {package.folder(root)}; "
-            "build without --packages to fetch it with npm"
+            "build without --packages to fetch it from the npm registry"
         )
     meta = _read_json(meta_path)
     if (meta.get("name"), meta.get("version")) != (package.name, package.version):
@@ -357,17 +275,10 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 
 def split_classes(code_points: Sequence[str], seed: int) -> tuple[list[int], list[int]]:
-    """Class-disjoint halves (train gets the smaller one), sorted class ids.
-
-    Classes are ordered by a seeded SHA-256 of their code points rather than by an RNG, so the
-    split does not depend on the numpy version.
-    """
-    order = sorted(
-        range(len(code_points)),
-        key=lambda i: hashlib.sha256(f"{seed}:{code_points[i]}".encode()).hexdigest(),
-    )
-    half = len(order) // 2
-    return sorted(order[:half]), sorted(order[half:])
+    """Class-disjoint halves ``(train, test)`` of sorted class ids; train gets the smaller half
+    (:func:`.common.class_split` of the code points)."""
+    test, train = class_split(code_points, len(code_points) // 2, seed)
+    return train, test
 
 
 def read_packages(
@@ -514,12 +425,6 @@ def read_packages(
 # ----------------------------------------------------------------------------- writing
 
 
-def _replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An ``np.load``-able npz whose zip entries carry a fixed date, unlike ``np.savez``."""
     buffer = io.BytesIO()
@@ -540,7 +445,7 @@ def write_dataset(
     """Write ``emoji.npz`` and ``manifest.json`` (with the npz's sha256) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = _npz_bytes(arrays)
-    _replace_atomically(out_dir / NPZ_NAME, npz)
+    report.write_bytes(out_dir / NPZ_NAME, npz)
     manifest = {
         **manifest,
         "npz": {
@@ -550,7 +455,7 @@ def write_dataset(
         },
     }
     text = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    _replace_atomically(out_dir / MANIFEST_NAME, text.encode("utf-8"))
+    report.write_bytes(out_dir / MANIFEST_NAME, text.encode("utf-8"))
     return manifest
 
 
@@ -579,80 +484,41 @@ def build_dataset(
     return write_dataset(arrays, manifest, out_dir)
 
 
-# ----------------------------------------------------------------------------- dataset
+# ----------------------------------------------------------------------------- reading a build
 
 
-def random_resized_crop(
-    image: torch.Tensor,
-    generator: torch.Generator,
-    scale: tuple[float, float] = CROP_SCALE,
-    ratio: tuple[float, float] = CROP_RATIO,
-) -> torch.Tensor:
-    """Crop a random box (area fraction in ``scale``, aspect in ``ratio``) of a CHW image and
-    resize it back to the input size, bilinearly, with an affine sampling grid."""
-    u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-    area = scale[0] + (scale[1] - scale[0]) * u[0]
-    aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * u[1])
-    # Half-sizes and centre in grid_sample's [-1, 1] coordinates; the box stays inside.
-    width = min(1.0, math.sqrt(area * aspect))
-    height = min(1.0, math.sqrt(area / aspect))
-    cx = (1.0 - width) * (2.0 * u[2] - 1.0)
-    cy = (1.0 - height) * (2.0 * u[3] - 1.0)
-    theta = torch.tensor([[[width, 0.0, cx], [0.0, height, cy]]], dtype=image.dtype)
-    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
-    return F.grid_sample(image[None], grid, mode="bilinear", align_corners=False)[0]
+def load(root: Path) -> tuple[TensorImages, dict[str, Any]]:
+    """A built dataset (all classes, labels = manifest class ids) and its manifest."""
+    manifest = _read_json(root / MANIFEST_NAME)
+    names = [c.get("short_name", str(c["id"])) for c in manifest["classes"]]
+    with np.load(root / NPZ_NAME) as data:
+        images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
+        return TensorImages(images, data["labels"], names), manifest
 
 
-class EmojiDataset(torch.utils.data.Dataset):
-    """One split of a built emoji dataset, PML style: ``(image, label)`` items and ``labels``.
-
-    Images are float32 CHW in [0, 1] (ImageNet-normalised if ``normalize``); labels are remapped
-    to ``0..C_split-1`` in class-id order (``class_ids[label]`` is the manifest class id).
-    Augmentation is seeded per (``seed``, epoch, index), so it does not depend on worker count or
-    order; call ``set_epoch`` to draw new crops.
-    """
-
-    def __init__(
-        self,
-        root_or_npz: str | os.PathLike[str],
-        split: str = "train",
-        augment: bool = False,
-        normalize: bool = False,
-        seed: int = 0,
-    ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        path = Path(root_or_npz)
-        npz = path / NPZ_NAME if path.is_dir() else path
-        manifest = _read_json(npz.parent / MANIFEST_NAME)
-        self.class_ids = np.asarray(manifest["split"][split], dtype=np.int64)
-        with np.load(npz) as data:
-            labels = data["labels"]
-            keep = np.isin(labels, self.class_ids)
-            self.labels = np.searchsorted(self.class_ids, labels[keep])
-            self.vendors = data["vendors"][keep]
-            self.images = torch.from_numpy(data["images"][keep]).permute(0, 3, 1, 2).contiguous()
-        self.augment = augment
-        self.normalize = normalize
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
-        image = self.images[idx].float() / 255.0
-        if self.augment:
-            state = np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(1)
-            generator = torch.Generator().manual_seed(int(state[0]))
-            image = random_resized_crop(image, generator)
-        if self.normalize:
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            image = (image - mean) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return image, int(self.labels[idx])
+def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
+    """The built dataset's train and test classes (the manifest's split). Without
+    ``data_root`` the default cache is used, and built first when empty; a given folder must
+    hold a build."""
+    root = DEFAULT_CACHE if data_root is None else Path(data_root)
+    if not (root / NPZ_NAME).is_file():
+        if data_root is not None:
+            raise DataError(
+                f"no emoji dataset in {root} ({NPZ_NAME} missing): build one there with "
+                f"`python -m benchmarks.build_dataset emoji --out {root}`, or leave out "
+                f"--data-root to use (and build) {report.relative(DEFAULT_CACHE)}"
+            )
+        build_dataset(root)
+    everything, manifest = load(root)
+    info = {
+        "name": "emoji",
+        "title": "Emoji",
+        "root": report.relative(root),
+        "npz_sha256": manifest.get("npz", {}).get("sha256"),
+        "image_size": manifest.get("size"),
+    }
+    split = manifest["split"]
+    return Splits(everything.select(split["train"]), everything.select(split["test"]), info)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -683,16 +549,15 @@ def summary(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.datasets.emoji",
-        description="Build the emoji retrieval dataset from pinned npm packages.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The builder's options (``python -m benchmarks.build_dataset emoji --help``)."""
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="npm package cache")
     parser.add_argument(
-        "--packages", type=Path, help="folder of already-extracted packages (no npm needed)"
+        "--cache", type=Path, default=DEFAULT_CACHE, help="folder of the fetched npm packages"
+    )
+    parser.add_argument(
+        "--packages", type=Path, help="folder of already-extracted packages (nothing fetched)"
     )
     parser.add_argument("--seed", type=int, default=0, help="train/test split seed")
     parser.add_argument("--min-images", type=int, default=2, help="fewest images per class")
@@ -702,28 +567,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(v.key for v in VENDORS),
         help="comma-separated vendor keys (default: all)",
     )
-    args = parser.parse_args(argv)
+
+
+def build_from_arguments(args: argparse.Namespace) -> str:
+    """Build as ``args`` say; a summary of the build."""
     by_key = {v.key: v for v in VENDORS}
     unknown = sorted(set(args.vendors.split(",")) - set(by_key))
     if unknown:
-        parser.error(f"unknown vendors {unknown}; choose from {sorted(by_key)}")
+        raise DataError(f"unknown vendors {unknown}; choose from {sorted(by_key)}")
     start = time.perf_counter()
-    try:
-        manifest = build_dataset(
-            args.out,
-            cache_dir=args.cache,
-            packages_root=args.packages,
-            size=args.size,
-            vendors=[by_key[k] for k in args.vendors.split(",")],
-            include_flags=args.include_flags,
-            min_images=args.min_images,
-            seed=args.seed,
-        )
-    except NpmNotFoundError as err:
-        sys.exit(f"error: {err}")
-    print(summary(manifest))
-    print(f"built in {time.perf_counter() - start:.1f} s: {args.out / NPZ_NAME}")
-
-
-if __name__ == "__main__":
-    main()
+    manifest = build_dataset(
+        args.out,
+        cache_dir=args.cache,
+        packages_root=args.packages,
+        size=args.size,
+        vendors=[by_key[k] for k in args.vendors.split(",")],
+        include_flags=args.include_flags,
+        min_images=args.min_images,
+        seed=args.seed,
+    )
+    elapsed = time.perf_counter() - start
+    return f"{summary(manifest)}\nbuilt in {elapsed:.1f} s: {args.out / NPZ_NAME}"

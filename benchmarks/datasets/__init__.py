@@ -1,1 +1,0 @@
-"""Benchmark datasets that build offline from package registries."""
