@@ -21,6 +21,12 @@ REGULARIZER_WARNING_FLOPS = 1e11
 
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
+# The regulariser's estimators (``regularizer_estimator``): which need a period, which rows.
+REGULARIZER_ESTIMATORS = ("exact", "uniform", "lazy", "cached", "svrg")
+PERIODIC_ESTIMATORS = ("lazy", "cached", "svrg")
+SAMPLED_ESTIMATORS = ("uniform", "svrg")
+DEFAULT_REGULARIZER_PERIOD = 8
+
 
 def official_uniform_init(proxies: torch.Tensor) -> None:
     """U(-1/sqrt(CN), 1/sqrt(CN)): the official Kaiming-uniform(a=sqrt(5)) scale."""
@@ -32,6 +38,42 @@ def official_uniform_init(proxies: torch.Tensor) -> None:
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _resolve_regularizer_estimator(
+    estimator, period, samples, weight_lambda
+) -> tuple[str, int | None]:
+    """The estimator's name (None: uniform if ``samples`` is given, else exact) and period."""
+    if estimator is None:
+        estimator = "exact" if samples is None else "uniform"
+    if not isinstance(estimator, str) or estimator not in REGULARIZER_ESTIMATORS:
+        raise ValueError(
+            f"regularizer_estimator must be one of {REGULARIZER_ESTIMATORS}, got {estimator!r}"
+        )
+    if period is not None and estimator not in PERIODIC_ESTIMATORS:
+        raise ValueError(
+            f"regularizer_period applies to regularizer_estimator in {PERIODIC_ESTIMATORS}, "
+            f"got regularizer_estimator={estimator!r}"
+        )
+    if (samples is None) == (estimator in SAMPLED_ESTIMATORS):
+        raise ValueError(
+            f"regularizer_samples is needed by, and only by, regularizer_estimator in "
+            f"{SAMPLED_ESTIMATORS}, got regularizer_estimator={estimator!r} and "
+            f"regularizer_samples={samples!r}"
+        )
+    if estimator != "exact" and weight_lambda == 0:
+        raise ValueError(
+            f"regularizer_estimator={estimator!r} needs weight_lambda > 0 (with 0 there is "
+            "no regulariser to estimate)"
+        )
+    if estimator in PERIODIC_ESTIMATORS and period is None:
+        period = DEFAULT_REGULARIZER_PERIOD
+    return estimator, period
+
+
+def _sync_regularizer_step(loss: ProxyGMLLoss, incompatible_keys) -> None:
+    """After ``load_state_dict``: the host copy of the step follows the loaded buffer."""
+    loss._regularizer_steps_taken = int(loss.regularizer_step)
 
 
 class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -51,9 +93,22 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: k itself; overrides ``r`` when given (capped at C * N).
         weight_lambda: weight of the proxy regulariser (official: 0.3 on CUB and Cars,
             0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
-        regularizer_samples: approximate the regulariser by its mean over this many proxies
-            drawn uniformly each step (an unbiased estimate, cost O(samples * C * d) instead
-            of O(C * N * C * d)); None (default) computes it exactly over all proxies.
+        regularizer_estimator: how each step estimates the regulariser, O(C * N * C * d)
+            when exact. ``"exact"`` (the official recipe); ``"uniform"``: its mean over
+            ``regularizer_samples`` proxies drawn uniformly each step (unbiased, but the
+            proxies left out get no gradient from their own row); ``"lazy"``: the exact
+            one every ``regularizer_period``-th step, weighted by the period, else nothing
+            (StyleGAN2's lazy regularisation); ``"cached"``: the exact one every
+            ``regularizer_period``-th step, and on every step its gradient from that step,
+            linearised (a steady input for Adam, where lazy's m-fold spikes inflate the
+            second moment); ``"svrg"``: cached plus a sampled correction over
+            ``regularizer_samples`` proxies (SVRG's control variate, unbiased). None
+            (default): ``"uniform"`` if ``regularizer_samples`` is given, else ``"exact"``.
+            The periodic estimators keep their step and cached gradient in buffers (saved
+            in ``state_dict``); a step is a call with gradients enabled.
+        regularizer_period: steps between exact regularisers of the periodic estimators
+            (default 8).
+        regularizer_samples: proxies drawn per step by ``"uniform"`` and ``"svrg"``.
         regularizer_block_elements: memory budget (in logits) of one block of the
             regulariser; larger problems are processed block by block.
         selection_block_bytes: memory budget of one (batch, block) block of similarities
@@ -84,6 +139,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: int | None = None,
         weight_lambda: float = 0.3,
         regularizer_samples: int | None = None,
+        regularizer_estimator: str | None = None,
+        regularizer_period: int | None = None,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
         selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
         sparse_proxy_grad: bool = False,
@@ -97,6 +154,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             _check_positive_int("top_k", top_k)
         if regularizer_samples is not None:
             _check_positive_int("regularizer_samples", regularizer_samples)
+        if regularizer_period is not None:
+            _check_positive_int("regularizer_period", regularizer_period)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
         _check_positive_int("selection_block_bytes", selection_block_bytes)
         if not isinstance(r, numbers.Real) or not 0 < r <= 1:
@@ -116,6 +175,9 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.r = float(r)
         self.weight_lambda = float(weight_lambda)
         self.regularizer_samples = regularizer_samples
+        self.regularizer_estimator, self.regularizer_period = _resolve_regularizer_estimator(
+            regularizer_estimator, regularizer_period, regularizer_samples, weight_lambda
+        )
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
         self.sparse_proxy_grad = bool(sparse_proxy_grad)
@@ -125,6 +187,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             torch.empty(self.num_classes * self.proxies_per_class, self.embedding_size)
         )
         self.weight_init_func(self.proxies)
+        self._register_regularizer_state()
         self.add_to_recordable_attributes(
             list_of_names=[
                 "num_classes",
@@ -140,6 +203,31 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             list_of_names=["avg_classes_per_subgraph", "proxy_reg_value"], is_stat=True
         )
         self._warn_about_costly_or_degenerate_settings()
+
+    def _register_regularizer_state(self) -> None:
+        """Buffers of the periodic estimators: the step, and the cached exact regulariser.
+
+        The step is also kept on the host, so choosing a step's work costs no device sync.
+        """
+        if self.regularizer_estimator not in PERIODIC_ESTIMATORS:
+            return
+        self.register_buffer("regularizer_step", torch.zeros((), dtype=torch.long))
+        self._regularizer_steps_taken = 0
+        self.register_load_state_dict_post_hook(_sync_regularizer_step)
+        if self.regularizer_estimator != "lazy":
+            self.register_buffer("regularizer_anchor_value", torch.zeros(()))
+            self.register_buffer("regularizer_anchor_proxies", torch.zeros_like(self.proxies))
+            self.register_buffer("regularizer_anchor_gradient", torch.zeros_like(self.proxies))
+
+    def _regularizer_rows_per_step(self) -> float:
+        """Proxies whose C-way cross-entropy one step computes, on average over a period."""
+        total = self.num_classes * self.proxies_per_class
+        sampled = min(total, self.regularizer_samples or 0)
+        if self.regularizer_estimator == "uniform":
+            return sampled
+        if self.regularizer_estimator == "exact":
+            return total
+        return total / self.regularizer_period + 2 * sampled  # svrg: two samples a step
 
     def _check_distance(self) -> None:
         distance = self.distance
@@ -158,16 +246,14 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "more classes with 12 proxies each).",
                 stacklevel=3,
             )
-        anchors = self.num_classes * self.proxies_per_class
-        if self.regularizer_samples is not None:
-            anchors = min(anchors, self.regularizer_samples)
+        anchors = self._regularizer_rows_per_step()
         flops = anchors * self.num_classes * self.embedding_size
         if self.weight_lambda > 0 and flops > REGULARIZER_WARNING_FLOPS:
             warnings.warn(
                 f"ProxyGMLLoss: the proxy regulariser costs about {flops:.1e} multiply-adds "
                 f"per step ({anchors} proxies x C={self.num_classes} classes x "
                 f"d={self.embedding_size}). The official recipe for many classes (SOP) "
-                "uses weight_lambda=0 and proxies_per_class=1; regularizer_samples "
+                "uses weight_lambda=0 and proxies_per_class=1; regularizer_estimator "
                 "approximates the regulariser at a fraction of the cost.",
                 stacklevel=3,
             )
@@ -212,15 +298,17 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
             return self.zero_loss()
-        rows = None
-        if self.regularizer_samples is not None and self.regularizer_samples < len(proxies):
-            rows = torch.randperm(len(proxies), device=proxies.device)[: self.regularizer_samples]
-        reg = gml.proxy_regularizer(
-            F.normalize(proxies, p=2, dim=1),
-            self.proxies_per_class,
-            self.regularizer_block_elements,
-            rows,
-        )
+        unit = F.normalize(proxies, p=2, dim=1)
+        if self.regularizer_estimator in PERIODIC_ESTIMATORS and torch.is_grad_enabled():
+            reg = self._periodic_regularizer(unit)
+        elif self.regularizer_estimator == "uniform":
+            reg = gml.proxy_regularizer(
+                unit, self.proxies_per_class, self.regularizer_block_elements, self._rows()
+            )
+        else:  # exact, and the periodic estimators outside training: no step is taken
+            reg = gml.proxy_regularizer(
+                unit, self.proxies_per_class, self.regularizer_block_elements
+            )
         if self.collect_stats:
             self.proxy_reg_value = reg.item()
         return {
@@ -228,6 +316,43 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             "indices": None,
             "reduction_type": "already_reduced",
         }
+
+    def _rows(self) -> torch.Tensor | None:
+        """``regularizer_samples`` proxies drawn uniformly without replacement (None: all)."""
+        total = len(self.proxies)
+        if self.regularizer_samples >= total:
+            return None
+        return torch.randperm(total, device=self.proxies.device)[: self.regularizer_samples]
+
+    def _periodic_regularizer(self, unit: torch.Tensor) -> torch.Tensor:
+        """This step's estimate by a periodic estimator; the exact one on the period's first."""
+        step = self._regularizer_steps_taken
+        refresh = step % self.regularizer_period == 0
+        self._regularizer_steps_taken = step + 1
+        self.regularizer_step.fill_(step + 1)
+        blocks = self.regularizer_block_elements
+        if self.regularizer_estimator == "lazy":
+            if not refresh:
+                return unit.new_zeros(())
+            exact = gml.proxy_regularizer(unit, self.proxies_per_class, blocks)
+            return self.regularizer_period * exact
+        if refresh:
+            value, gradient = gml.regularizer_value_and_gradient(
+                unit, self.proxies_per_class, blocks
+            )
+            self.regularizer_anchor_value.copy_(value)
+            self.regularizer_anchor_proxies.copy_(unit.detach())
+            self.regularizer_anchor_gradient.copy_(gradient)
+        anchor = (
+            self.regularizer_anchor_proxies.to(unit.dtype),
+            self.regularizer_anchor_value.to(unit.dtype),
+            self.regularizer_anchor_gradient.to(unit.dtype),
+        )
+        if self.regularizer_estimator == "cached" or refresh:
+            return gml.linearized_regularizer(unit, *anchor)
+        return gml.variance_reduced_regularizer(
+            unit, *anchor, self.proxies_per_class, self._rows(), blocks
+        )
 
     def _inputs_in_compute_dtype(
         self, embeddings: torch.Tensor
