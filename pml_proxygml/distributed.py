@@ -247,6 +247,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
     Arguments are those of ``ProxyGMLLoss`` (``num_classes`` is the total C) plus
     ``process_group`` (the default group when None), which must be initialised first.
     Not supported: ``regularizer_samples``, ``weight_regularizer`` (both need all proxies),
+    a ``regularizer_estimator`` other than ``"exact"``,
     miners' ``indices_tuple``, ``ref_emb``, and ``get_logits`` (load ``full_state_dict()``
     into a ``ProxyGMLLoss`` for inference). Reducers and ``embedding_regularizer`` see the
     gathered batch. The default proxy initialisation is the official U(-1/sqrt(CN), 1/sqrt(CN))
@@ -269,9 +270,11 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
         process_group: Any = None,
         **kwargs: Any,
     ):
-        for name in ("regularizer_samples", "weight_regularizer"):
+        for name in ("regularizer_samples", "regularizer_period", "weight_regularizer"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"ShardedProxyGMLLoss does not support {name}")
+        if kwargs.get("regularizer_estimator") not in (None, "exact"):
+            raise ValueError("ShardedProxyGMLLoss computes the exact regulariser only")
         if not dist.is_initialized():
             raise RuntimeError("ShardedProxyGMLLoss needs torch.distributed to be initialised")
         init = kwargs.pop("weight_init_func", None)

@@ -385,3 +385,64 @@ def test_bad_estimator_options_are_rejected_with_a_clear_error(kwargs, message):
     arguments = dict(weight_lambda=LAMBDA, top_k=5) | kwargs
     with pytest.raises(ValueError, match=message):
         ProxyGMLLoss(C, D, N, **arguments)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(regularizer_estimator="cached"), "computes the exact regulariser only"),
+        (dict(regularizer_period=4), "does not support regularizer_period"),
+    ],
+)
+def test_the_sharded_loss_refuses_the_estimators_it_would_ignore(kwargs, message):
+    """It computes the exact regulariser over its shard: anything else would be ignored."""
+    from pml_proxygml.distributed import ShardedProxyGMLLoss
+
+    with pytest.raises(ValueError, match=message):
+        ShardedProxyGMLLoss(C, D, N, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.parametrize(
+    "estimator, period", [("exact", None), ("lazy", 3), ("cached", 3), ("svrg", 3)]
+)
+def test_the_benchmark_measures_the_gradient_the_loss_applies(estimator, period):
+    """benchmarks.regularizer_estimators rebuilds each estimator from functional's pieces;
+    on the deterministic steps (all but svrg's sampled ones) it must apply what the loss does."""
+    from benchmarks import regularizer_estimators as bench
+
+    setting = bench.Setting(estimator, period, 5 if estimator == "svrg" else None)
+    kwargs = setting.loss_kwargs() | {"weight_lambda": LAMBDA}
+    loss = ProxyGMLLoss(C, D, N, top_k=5, **kwargs).double()
+    applied = bench.AppliedGradient(setting, bench.Shape("tiny", C, N, D), seed=0)
+    for step in range(7):
+        raw = random_proxies(50 + step)
+        set_proxies(loss, raw)
+        unit = F.normalize(raw, dim=1)
+        value, unit_gradient = gml.regularizer_value_and_gradient(unit, N)
+        exact = bench.Exact(unit, value, unit_gradient, exact_value_and_gradient(raw)[1])
+        expected = applied(step, raw, exact)
+        actual = regularizer_step(loss)[1]
+        if estimator != "svrg" or step % period == 0:
+            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_the_benchmark_meter_on_a_short_synthetic_run():
+    """Exact gives the real Adam update; lazy's cosine is 1 on a period's first step, else 0."""
+    from benchmarks import regularizer_estimators as bench
+
+    settings = [bench.Setting("exact"), bench.Setting("lazy", 4), bench.Setting("cached", 4)]
+    meter, trajectory = bench.synthetic_trajectory(settings, bench.Shape("tiny", 20, 2, 8), 8, 0)
+    rows = {row["setting"]: row for row in meter.summary([None])}
+    assert trajectory["steps"] == 8
+    assert rows["exact"]["cosine_mean"] == pytest.approx(1.0)
+    assert rows["exact"]["adam_relative_error_mean"] < 1e-5
+    assert rows["lazy m=4"]["cosine_mean"] == pytest.approx(2 / 8)
+    assert rows["lazy m=4"]["relative_error_mean"] == pytest.approx((2 * 3 + 6 * 1) / 8)
+    assert (
+        0
+        < rows["cached m=4"]["adam_relative_error_mean"]
+        < rows["lazy m=4"]["adam_relative_error_mean"]
+    )
