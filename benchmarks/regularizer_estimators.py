@@ -191,15 +191,14 @@ class AppliedGradient:
             self.anchor = (exact.unit, exact.value, exact.unit_gradient)
             return exact.gradient
         raw = proxies.detach().requires_grad_()
-        unit = F.normalize(raw, dim=1)
         if setting.estimator == "cached":
-            estimate = gml.linearized_regularizer(unit, *self.anchor)
+            estimate = gml.linearized_regularizer(raw, *self.anchor)
         else:
             rows = sample_rows(setting, self.shape, self.generator)
             if setting.estimator == "svrg":
-                estimate = gml.variance_reduced_regularizer(unit, *self.anchor, per_class, rows)
+                estimate = gml.variance_reduced_regularizer(raw, *self.anchor, per_class, rows)
             else:
-                estimate = gml.proxy_regularizer(unit, per_class, rows=rows)
+                estimate = gml.proxy_regularizer(F.normalize(raw, dim=1), per_class, rows=rows)
         return torch.autograd.grad(estimate, raw)[0]
 
 
@@ -317,9 +316,7 @@ def exact_step(
     )
     for optimizer in optimizers:
         optimizer.zero_grad()
-    regularizer = gml.linearized_regularizer(
-        F.normalize(proxies, dim=1), unit, value, unit_gradient
-    )
+    regularizer = gml.linearized_regularizer(proxies, unit, value, unit_gradient)
     total = loss(embeddings, labels) + WEIGHT_LAMBDA * regularizer
     total.backward()
     exact = Exact(unit, value, unit_gradient, through_normalization(proxies, unit_gradient))

@@ -103,35 +103,41 @@ def test_value_and_gradient_match_the_dense_regularizer():
 
 def test_linearized_regularizer_is_the_first_order_expansion_around_the_anchor():
     anchor_raw, raw = random_proxies(3), random_proxies(4)
+    raw[5] = 0  # F.normalize's clamp: p / eps, no radial term
     anchor = F.normalize(anchor_raw, dim=1)
     value, gradient = gml.regularizer_value_and_gradient(anchor, N)
     proxies = raw.clone().requires_grad_()
-    unit = F.normalize(proxies, dim=1)
-    estimate = gml.linearized_regularizer(unit, anchor, value, gradient)
-    expected = dense_regularizer(anchor_raw) + (gradient * (unit.detach() - anchor)).sum()
+    estimate = gml.linearized_regularizer(proxies, anchor, value, gradient)
+    unit = F.normalize(raw, dim=1)
+    expected = dense_regularizer(anchor_raw) + (gradient * (unit - anchor)).sum()
     torch.testing.assert_close(estimate.detach(), expected, rtol=1e-12, atol=0)
     (applied,) = torch.autograd.grad(estimate, proxies)
     expected_gradient = torch.autograd.grad(F.normalize(proxies, dim=1), proxies, gradient)[0]
     torch.testing.assert_close(applied, expected_gradient, rtol=1e-12, atol=1e-15)
+    assert applied[5].abs().sum() > 0
+
+
+def anchored_at(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised proxies, exact value, exact gradient) at ``raw``: an svrg anchor."""
+    unit = F.normalize(raw, dim=1)
+    return (unit, *gml.regularizer_value_and_gradient(unit, N))
+
+
+def sampled_estimate(sampler: str, proxies: torch.Tensor, rows: torch.Tensor, anchor: tuple):
+    if sampler == "uniform":
+        return gml.proxy_regularizer(F.normalize(proxies, dim=1), N, rows=rows)
+    return gml.variance_reduced_regularizer(proxies, *anchor, N, rows)
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "svrg"])
 def test_sampled_estimates_average_to_the_exact_regularizer_over_every_subset(sampler):
     """Uniform rows without replacement: every subset of 4 of the 18 rows equally likely."""
-    anchor = F.normalize(random_proxies(5), dim=1)
-    anchor_value, anchor_gradient = gml.regularizer_value_and_gradient(anchor, N)
+    anchor = anchored_at(random_proxies(5))
     raw = random_proxies(6)
     values, gradients = [], []
     for rows in itertools.combinations(range(C * N), 4):
         proxies = raw.clone().requires_grad_()
-        unit = F.normalize(proxies, dim=1)
-        rows = torch.tensor(rows)
-        if sampler == "uniform":
-            estimate = gml.proxy_regularizer(unit, N, rows=rows)
-        else:
-            estimate = gml.variance_reduced_regularizer(
-                unit, anchor, anchor_value, anchor_gradient, N, rows
-            )
+        estimate = sampled_estimate(sampler, proxies, torch.tensor(rows), anchor)
         values.append(estimate.detach())
         gradients.append(torch.autograd.grad(estimate, proxies)[0])
     exact, exact_gradient = exact_value_and_gradient(raw)
@@ -145,23 +151,15 @@ def test_sampled_estimates_average_to_the_exact_regularizer_over_every_subset(sa
 def test_svrg_has_far_less_variance_than_uniform_rows_near_its_anchor():
     anchor_raw = random_proxies(7)
     raw = anchor_raw + 0.05 * random_proxies(8)  # a few optimizer steps away
-    anchor = F.normalize(anchor_raw, dim=1)
-    anchor_value, anchor_gradient = gml.regularizer_value_and_gradient(anchor, N)
+    anchor = anchored_at(anchor_raw)
     exact_gradient = exact_value_and_gradient(raw)[1]
     errors = {"uniform": [], "svrg": []}
     for rows in itertools.islice(itertools.combinations(range(C * N), 4), 0, None, 50):
-        rows = torch.tensor(rows)
-        for name in errors:
+        for sampler in errors:
             proxies = raw.clone().requires_grad_()
-            unit = F.normalize(proxies, dim=1)
-            if name == "uniform":
-                estimate = gml.proxy_regularizer(unit, N, rows=rows)
-            else:
-                estimate = gml.variance_reduced_regularizer(
-                    unit, anchor, anchor_value, anchor_gradient, N, rows
-                )
+            estimate = sampled_estimate(sampler, proxies, torch.tensor(rows), anchor)
             gradient = torch.autograd.grad(estimate, proxies)[0]
-            errors[name].append((gradient - exact_gradient).norm() / exact_gradient.norm())
+            errors[sampler].append((gradient - exact_gradient).norm() / exact_gradient.norm())
     uniform, svrg = (torch.stack(errors[name]).mean() for name in ("uniform", "svrg"))
     assert svrg < 0.2 * uniform, (svrg, uniform)
 

@@ -298,16 +298,15 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
             return self.zero_loss()
-        unit = F.normalize(proxies, p=2, dim=1)
         if self.regularizer_estimator in PERIODIC_ESTIMATORS and torch.is_grad_enabled():
-            reg = self._periodic_regularizer(unit)
-        elif self.regularizer_estimator == "uniform":
+            reg = self._periodic_regularizer(proxies)
+        else:  # exact or uniform; the periodic estimators outside training take no step
+            rows = self._rows() if self.regularizer_estimator == "uniform" else None
             reg = gml.proxy_regularizer(
-                unit, self.proxies_per_class, self.regularizer_block_elements, self._rows()
-            )
-        else:  # exact, and the periodic estimators outside training: no step is taken
-            reg = gml.proxy_regularizer(
-                unit, self.proxies_per_class, self.regularizer_block_elements
+                F.normalize(proxies, p=2, dim=1),
+                self.proxies_per_class,
+                self.regularizer_block_elements,
+                rows,
             )
         if self.collect_stats:
             self.proxy_reg_value = reg.item()
@@ -324,7 +323,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             return None
         return torch.randperm(total, device=self.proxies.device)[: self.regularizer_samples]
 
-    def _periodic_regularizer(self, unit: torch.Tensor) -> torch.Tensor:
+    def _periodic_regularizer(self, proxies: torch.Tensor) -> torch.Tensor:
         """This step's estimate by a periodic estimator; the exact one on the period's first."""
         step = self._regularizer_steps_taken
         refresh = step % self.regularizer_period == 0
@@ -333,25 +332,28 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         blocks = self.regularizer_block_elements
         if self.regularizer_estimator == "lazy":
             if not refresh:
-                return unit.new_zeros(())
-            exact = gml.proxy_regularizer(unit, self.proxies_per_class, blocks)
-            return self.regularizer_period * exact
+                return proxies.new_zeros(())
+            unit = F.normalize(proxies, p=2, dim=1)
+            return self.regularizer_period * gml.proxy_regularizer(
+                unit, self.proxies_per_class, blocks
+            )
         if refresh:
+            unit = F.normalize(proxies.detach(), p=2, dim=1)
             value, gradient = gml.regularizer_value_and_gradient(
                 unit, self.proxies_per_class, blocks
             )
             self.regularizer_anchor_value.copy_(value)
-            self.regularizer_anchor_proxies.copy_(unit.detach())
+            self.regularizer_anchor_proxies.copy_(unit)
             self.regularizer_anchor_gradient.copy_(gradient)
         anchor = (
-            self.regularizer_anchor_proxies.to(unit.dtype),
-            self.regularizer_anchor_value.to(unit.dtype),
-            self.regularizer_anchor_gradient.to(unit.dtype),
+            self.regularizer_anchor_proxies.to(proxies.dtype),
+            self.regularizer_anchor_value.to(proxies.dtype),
+            self.regularizer_anchor_gradient.to(proxies.dtype),
         )
         if self.regularizer_estimator == "cached" or refresh:
-            return gml.linearized_regularizer(unit, *anchor)
+            return gml.linearized_regularizer(proxies, *anchor)
         return gml.variance_reduced_regularizer(
-            unit, *anchor, self.proxies_per_class, self._rows(), blocks
+            proxies, *anchor, self.proxies_per_class, self._rows(), blocks
         )
 
     def _inputs_in_compute_dtype(
