@@ -67,6 +67,7 @@ WEIGHT_LAMBDA = emoji.PROXYGML_KWARGS["weight_lambda"]
 R = emoji.PROXYGML_KWARGS["r"]
 SOP_PROXY_OPTIMIZER = training.OptimizerSpec("adam", 0.3, 1e-4, eps=0.01)  # official SOP
 SYNTHETIC_NOISE = 1.0  # embedding = normalize(centre + noise * N(0, I/d)): cosine ~0.7
+WARMUP_PERIOD = 32
 
 
 @dataclass(frozen=True)
@@ -118,24 +119,32 @@ class Setting:
 
 
 def settings_for(shape: Shape) -> list[Setting]:
-    """The measured settings: periods 4-16, samples about a tenth of the emoji proxies."""
-    periodic = [Setting(e, m) for e in ("lazy", "cached") for m in (4, 8, 16)]
-    if shape.proxies_per_class == 1:
-        return [
-            Setting("exact"),
-            Setting("uniform", samples=1024),
-            *periodic,
-            Setting("svrg", 16, 1024),
-        ]
+    """The measured settings: periods 4-32, samples about a tenth of the emoji proxies."""
+    periodic = [
+        *(Setting("lazy", m) for m in (4, 8, 16)),
+        *(Setting("cached", m) for m in (4, 8, 16, 32)),
+        Setting("svrg", 8, 1024),
+    ]
+    if shape.proxies_per_class == 1:  # stratified and whole-class rows are uniform rows
+        return [Setting("exact"), Setting("uniform", samples=1024), *periodic]
     rows = shape.num_classes  # one per class, so that stratified rows are comparable
     return [
         Setting("exact"),
         Setting("uniform", samples=1024),
         *(Setting(sampler, samples=rows) for sampler in ("uniform", *EXTRA_SAMPLERS)),
         *periodic,
-        Setting("svrg", 8, 1024),
-        Setting("svrg", 16, 1024),
     ]
+
+
+def timed_settings(settings: Sequence[Setting], shape: Shape) -> list[Setting]:
+    """The loss options among ``settings``, after the floor (no regulariser). Where the exact
+    regulariser takes seconds (SOP shape), lazy is timed at one period only: its cost is
+    the exact one's over m plus the floor's, which that period shows."""
+    timed = [s for s in settings if s.is_loss_option]
+    if shape.proxies_per_class == 1:
+        longest = max(s.period for s in timed if s.estimator == "lazy")
+        timed = [s for s in timed if s.estimator != "lazy" or s.period == longest]
+    return [Setting("none"), *timed]
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -203,11 +212,16 @@ class AppliedGradient:
 
 
 class ShadowAdam:
-    """An Adam like the proxies' own, fed another gradient at the trajectory's proxies."""
+    """An Adam like the proxies' own, fed another gradient at the trajectory's proxies;
+    ``state``: the proxies' Adam state to start from (None: a fresh one)."""
 
-    def __init__(self, make_optimizer: Callable, like: torch.Tensor) -> None:
+    def __init__(
+        self, make_optimizer: Callable, like: torch.Tensor, state: dict | None = None
+    ) -> None:
         self.parameter = torch.nn.Parameter(torch.zeros_like(like))
         self.optimizer = make_optimizer([self.parameter])
+        if state is not None:
+            self.optimizer.state[self.parameter] = {k: v.clone() for k, v in state.items()}
 
     def update(self, proxies: torch.Tensor, gradient: torch.Tensor, lr: float) -> torch.Tensor:
         with torch.no_grad():
@@ -220,10 +234,12 @@ class ShadowAdam:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    """In float64: float32 sums over millions of entries drift by 1e-3."""
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
 
 
@@ -231,9 +247,15 @@ class ErrorMeter:
     """Each setting's applied gradient and Adam update against the exact run's, per step."""
 
     def __init__(
-        self, settings: Sequence[Setting], shape: Shape, make_optimizer: Callable, seed: int
+        self,
+        settings: Sequence[Setting],
+        shape: Shape,
+        make_optimizer: Callable,
+        seed: int,
+        initial_state: dict | None = None,
     ) -> None:
         self.settings = list(settings)
+        self.initial_state = initial_state
         self.shape = shape
         self.make_optimizer = make_optimizer
         self.applied = {s: AppliedGradient(s, shape, seed + i) for i, s in enumerate(settings)}
@@ -255,7 +277,7 @@ class ErrorMeter:
         for setting in self.settings:
             applied = self.applied[setting](self.step, proxies, exact)
             if setting not in self.shadows:
-                self.shadows[setting] = ShadowAdam(self.make_optimizer, proxies)
+                self.shadows[setting] = ShadowAdam(self.make_optimizer, proxies, self.initial_state)
             gradient = classification_gradient + WEIGHT_LAMBDA * applied
             self._updates[setting] = self.shadows[setting].update(proxies, gradient, lr)
             self.records[setting].append(
@@ -272,6 +294,25 @@ class ErrorMeter:
             record["adam_cosine"] = cosine(update, real_update)
             record["adam_relative_error"] = relative_error(update, real_update)
         self.step += 1
+
+    def second_moments(self) -> dict[str, float]:
+        """Median over the proxies' coordinates of sqrt(v) of each setting's Adam over that of
+        the exact one (lazy's m-fold spikes inflate it), and the share of coordinates where
+        the exact run's bias-corrected sqrt(v) exceeds Adam's eps (below it, Adam is close to
+        momentum SGD with lr / eps, and the spikes average out)."""
+        exact = self.shadows[Setting("exact")]
+        state = exact.optimizer.state[exact.parameter]
+        exact_v, group = state["exp_avg_sq"], exact.optimizer.param_groups[0]
+        corrected = (exact_v / (1 - group["betas"][1] ** float(state["step"]))).sqrt()
+        ratios: dict[str, float] = {
+            "share_of_sqrt_v_above_eps": (corrected > group["eps"]).double().mean().item(),
+            "median_sqrt_v_over_eps": (corrected.median() / group["eps"]).item(),
+        }
+        for setting, shadow in self.shadows.items():
+            v = shadow.optimizer.state[shadow.parameter]["exp_avg_sq"]
+            ratio = (v / exact_v.clamp_min(torch.finfo(v.dtype).tiny)).sqrt()
+            ratios[setting.name] = ratio.median().item()
+        return ratios
 
     def summary(self, phases: Sequence[str | None]) -> list[dict[str, Any]]:
         """Mean, std, 10th and 90th percentiles of every metric, per setting and phase
@@ -394,35 +435,57 @@ def emoji_trajectory(
 
 
 def synthetic_trajectory(
-    settings: Sequence[Setting], shape: Shape, steps: int, seed: int
+    settings: Sequence[Setting], shape: Shape, steps: int, warmup: int, seed: int
 ) -> tuple[ErrorMeter, dict[str, Any]]:
-    """Proxies alone trained by exact ProxyGML on synthetic clustered embeddings."""
+    """Proxies alone trained on synthetic clustered embeddings: ``warmup`` steps of lazy
+    ProxyGML (period ``WARMUP_PERIOD``: the exact regulariser is what makes this run slow),
+    then ``steps`` measured steps of exact ProxyGML.
+
+    The first steps from the official initialisation (norms about 0.1, Adam lr 0.3) turn the
+    normalised proxies round fast, which no stale gradient follows; the warm-up measures past
+    them, as the emoji run's second epoch does.
+    """
     generator = torch.Generator().manual_seed(seed)
     centres = F.normalize(
         torch.randn(shape.num_classes, shape.embedding_size, generator=generator), dim=1
     )
-    torch.manual_seed(seed)
-    loss = ProxyGMLLoss(
-        shape.num_classes,
-        shape.embedding_size,
-        shape.proxies_per_class,
-        r=R,
-        weight_lambda=0.0,
-    )
-    optimizer = SOP_PROXY_OPTIMIZER.build(loss.parameters())
-    meter = ErrorMeter(settings, shape, SOP_PROXY_OPTIMIZER.build, seed)
-    noise_scale = SYNTHETIC_NOISE / math.sqrt(shape.embedding_size)
-    for step in range(steps):
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
         classes = torch.randperm(shape.num_classes, generator=generator)[:BATCH_SIZE]
         noise = torch.randn(len(classes), shape.embedding_size, generator=generator)
-        embeddings = F.normalize(centres[classes] + noise_scale * noise, dim=1)
-        exact_step(loss, embeddings, classes, [optimizer], optimizer, meter, "all")
+        scale = SYNTHETIC_NOISE / math.sqrt(shape.embedding_size)
+        return F.normalize(centres[classes] + scale * noise, dim=1), classes
+
+    torch.manual_seed(seed)
+    sizes = (shape.num_classes, shape.embedding_size, shape.proxies_per_class)
+    loss = ProxyGMLLoss(*sizes, r=R, weight_lambda=0.0)
+    optimizer = SOP_PROXY_OPTIMIZER.build(loss.parameters())
+    warmup_loss = ProxyGMLLoss(
+        *sizes,
+        r=R,
+        weight_lambda=WEIGHT_LAMBDA,
+        regularizer_estimator="lazy",
+        regularizer_period=WARMUP_PERIOD,
+    )
+    warmup_loss.proxies = loss.proxies  # the same parameter, hence the same optimizer
+    for _ in range(warmup):
+        optimizer.zero_grad()
+        warmup_loss(*batch()).backward()
+        optimizer.step()
+    # The shadows start from the proxies' Adam state, as the real optimizer's next step does.
+    meter = ErrorMeter(
+        settings, shape, SOP_PROXY_OPTIMIZER.build, seed, optimizer.state[loss.proxies]
+    )
+    for step in range(steps):
+        exact_step(loss, *batch(), [optimizer], optimizer, meter, "all")
         print(f"{shape.name} step {step + 1}/{steps}", flush=True)
     description = {
         "kind": "synthetic run",
-        "what": f"proxies trained by exact ProxyGML (lambda {WEIGHT_LAMBDA}) from the official "
-        f"initialisation on fixed random unit class centres + noise {SYNTHETIC_NOISE}/sqrt(d), "
-        f"{BATCH_SIZE} distinct classes a batch, steps 1-{steps}, seed {seed}",
+        "what": f"proxies alone trained from the official initialisation on fixed random unit "
+        f"class centres + noise {SYNTHETIC_NOISE}/sqrt(d), {BATCH_SIZE} distinct classes a "
+        f"batch (lambda {WEIGHT_LAMBDA}): {warmup} steps of lazy ProxyGML (m={WARMUP_PERIOD}), "
+        f"then steps {warmup + 1}-{warmup + steps} with the exact regulariser, measured; "
+        f"seed {seed}",
         "steps": meter.step,
         "proxy_optimizer": vars(SOP_PROXY_OPTIMIZER),
     }
@@ -435,13 +498,15 @@ def synthetic_trajectory(
 def time_settings(
     settings: Sequence[Setting],
     shape: Shape,
-    proxies: torch.Tensor | None,
+    proxies: torch.Tensor,
     rounds: int,
     steps_per_round: int,
+    exact_steps_per_round: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """ms per loss step (forward + backward, batch 32) of each setting, whole periods at a
-    time: rounds interleave the settings; medians over rounds."""
+    """ms per loss step (forward + backward, batch 32) of each setting; rounds interleave
+    the settings, each running one period of a periodic estimator, ``exact_steps_per_round``
+    exact steps or ``steps_per_round`` steps of the others; medians over rounds."""
     generator = torch.Generator().manual_seed(seed)
     embeddings = F.normalize(
         torch.randn(BATCH_SIZE, shape.embedding_size, generator=generator), dim=1
@@ -456,9 +521,8 @@ def time_settings(
             r=R,
             **setting.loss_kwargs(),
         )
-        if proxies is not None:
-            with torch.no_grad():
-                loss.proxies.copy_(proxies)
+        with torch.no_grad():
+            loss.proxies.copy_(proxies)
         losses[setting] = loss
 
     def run(setting: Setting, steps: int) -> list[float]:
@@ -470,17 +534,18 @@ def time_settings(
             times.append(time.perf_counter() - tick)
         return times
 
-    def cycle(setting: Setting) -> int:
-        return setting.period or 1
+    def steps(setting: Setting) -> int:
+        if setting.period is not None:
+            return setting.period
+        return exact_steps_per_round if setting.estimator == "exact" else steps_per_round
 
-    for setting in settings:  # warm-up: one period each
-        run(setting, cycle(setting))
+    for setting in settings:  # warm-up
+        run(setting, setting.period or 1)
     samples: dict[Setting, list[list[float]]] = {s: [] for s in settings}
     loads = []
     for _ in range(rounds):
         for setting in settings:
-            periods = max(1, math.ceil(steps_per_round / cycle(setting)))
-            samples[setting].append(run(setting, periods * cycle(setting)))
+            samples[setting].append(run(setting, steps(setting)))
         loads.append(os.getloadavg()[0])
     rows = []
     for setting in settings:
@@ -563,14 +628,22 @@ def measure_shape(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         phases = [None, f"epoch {args.epochs}"]
     else:
-        meter, trajectory = synthetic_trajectory(settings, shape, args.sop_steps, args.seed)
+        meter, trajectory = synthetic_trajectory(
+            settings, shape, args.sop_steps, args.sop_warmup, args.seed
+        )
         phases = [None]
     trajectory["seconds"] = time.perf_counter() - tick
     errors = meter.summary(phases)
-    timed = [Setting("none"), *(s for s in settings if s.is_loss_option)]
-    rounds = args.emoji_rounds if shape_name == "emoji" else args.sop_rounds
-    steps_per_round = 16 if shape_name == "emoji" else 1
-    timing = time_settings(timed, meter.shape, meter.proxies, rounds, steps_per_round, args.seed)
+    emoji_shape = shape_name == "emoji"
+    timing = time_settings(
+        timed_settings(settings, shape),
+        meter.shape,
+        meter.proxies,
+        rounds=args.emoji_rounds if emoji_shape else args.sop_rounds,
+        steps_per_round=16,
+        exact_steps_per_round=4 if emoji_shape else 1,
+        seed=args.seed,
+    )
     result = {
         "shape": vars(meter.shape),
         "batch_size": BATCH_SIZE,
@@ -579,9 +652,25 @@ def measure_shape(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
         "trajectory": trajectory,
         "timing": timing,
         "errors": errors,
+        "adam_second_moments": meter.second_moments(),
     }
     print(shape_table(timing, [e for e in errors if e["phase"] == "all"]), flush=True)
     return result
+
+
+def second_moment_notes(moments: dict[str, float]) -> str:
+    """The Adam second-moment line of a shape (see ``ErrorMeter.second_moments``)."""
+    ratios = ", ".join(
+        f"{name} {value:.2f}"
+        for name, value in moments.items()
+        if not name.startswith(("share", "median"))
+    )
+    return (
+        f"Adam's second moment at the end: the exact run's bias-corrected sqrt(v) exceeds eps "
+        f"on {100 * moments['share_of_sqrt_v_above_eps']:.1f}% of the proxies' coordinates "
+        f"(median sqrt(v) / eps {moments['median_sqrt_v_over_eps']:.3f}); median ratio of each "
+        f"estimator's sqrt(v) to the exact one's: {ratios}.\n"
+    )
 
 
 def notes(results: dict[str, Any]) -> str:
@@ -623,6 +712,7 @@ def write_results(results: dict[str, Any], out: Path, threads: int) -> None:
             )
         load = result["timing"][-1]["ms_per_step"]
         sections.append(f"\nHighest 1-minute load average during the {name} timing: {load:.2f}.\n")
+        sections.append(second_moment_notes(result["adam_second_moments"]))
     reporting.write_markdown(
         out / "results.md",
         "ProxyGML regulariser estimators: cost and gradient error",
@@ -639,7 +729,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--shapes", nargs="+", choices=["emoji", "sop"], default=["emoji", "sop"])
     parser.add_argument("--epochs", type=int, default=2, help="emoji trajectory epochs")
-    parser.add_argument("--sop-steps", type=int, default=24, help="SOP-shape trajectory steps")
+    parser.add_argument("--sop-steps", type=int, default=16, help="SOP-shape measured steps")
+    parser.add_argument(
+        "--sop-warmup", type=int, default=160, help="SOP-shape lazy steps before them"
+    )
     parser.add_argument("--emoji-rounds", type=int, default=5, help="timing rounds, emoji")
     parser.add_argument("--sop-rounds", type=int, default=3, help="timing rounds, SOP shape")
     parser.add_argument("--seed", type=int, default=0)

@@ -432,7 +432,9 @@ def test_the_benchmark_meter_on_a_short_synthetic_run():
     from benchmarks import regularizer_estimators as bench
 
     settings = [bench.Setting("exact"), bench.Setting("lazy", 4), bench.Setting("cached", 4)]
-    meter, trajectory = bench.synthetic_trajectory(settings, bench.Shape("tiny", 20, 2, 8), 8, 0)
+    meter, trajectory = bench.synthetic_trajectory(
+        settings, bench.Shape("tiny", 20, 2, 8), 8, warmup=3, seed=0
+    )
     rows = {row["setting"]: row for row in meter.summary([None])}
     assert trajectory["steps"] == 8
     assert rows["exact"]["cosine_mean"] == pytest.approx(1.0)
