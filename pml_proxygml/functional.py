@@ -541,9 +541,8 @@ def linearized_regularizer(
     Takes the raw (CN, d) proxies p. Value ``R~ + <G~, p_hat - p~>`` and gradient ``G~``
     carried through the current normalisation, with ``R~, G~`` from
     ``regularizer_value_and_gradient`` at the anchor: an O(C * N * d) stand-in for the exact
-    L^p between its refreshes. Applying the stale gradient on every step, instead of ``m``
-    times it every ``m``-th step, keeps the optimizer's input steady (Adam's second moment
-    sees the gradient, not its m-fold spikes).
+    L^p between its refreshes. Applied on every step, the stale gradient stays close to the
+    exact one, where lazy regularisation applies nothing, then ``m`` times it.
     """
     offset = torch.dot(anchor_gradient.flatten(), anchor_proxies.flatten())
     return anchor_value - offset + _NormalizedInnerProduct.apply(proxies, anchor_gradient)

@@ -25,7 +25,7 @@ LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 REGULARIZER_ESTIMATORS = ("exact", "uniform", "lazy", "cached", "svrg")
 PERIODIC_ESTIMATORS = ("lazy", "cached", "svrg")
 SAMPLED_ESTIMATORS = ("uniform", "svrg")
-DEFAULT_REGULARIZER_PERIOD = 8
+DEFAULT_REGULARIZER_PERIOD = 16
 
 
 def official_uniform_init(proxies: torch.Tensor) -> None:
@@ -93,21 +93,25 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: k itself; overrides ``r`` when given (capped at C * N).
         weight_lambda: weight of the proxy regulariser (official: 0.3 on CUB and Cars,
             0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
-        regularizer_estimator: how each step estimates the regulariser, O(C * N * C * d)
-            when exact. ``"exact"`` (the official recipe); ``"uniform"``: its mean over
-            ``regularizer_samples`` proxies drawn uniformly each step (unbiased, but the
-            proxies left out get no gradient from their own row); ``"lazy"``: the exact
-            one every ``regularizer_period``-th step, weighted by the period, else nothing
-            (StyleGAN2's lazy regularisation); ``"cached"``: the exact one every
-            ``regularizer_period``-th step, and on every step its gradient from that step,
-            linearised (a steady input for Adam, where lazy's m-fold spikes inflate the
-            second moment); ``"svrg"``: cached plus a sampled correction over
-            ``regularizer_samples`` proxies (SVRG's control variate, unbiased). None
-            (default): ``"uniform"`` if ``regularizer_samples`` is given, else ``"exact"``.
-            The periodic estimators keep their step and cached gradient in buffers (saved
-            in ``state_dict``); a step is a call with gradients enabled.
+        regularizer_estimator: how each step estimates the regulariser (the exact one
+            costs O(C * N * C * d)). ``"exact"``: the official recipe. ``"cached"``: the
+            exact regulariser every ``regularizer_period``-th step; every step applies the
+            last one's gradient, carried through the current normalisation (its value to
+            first order), at O(C * N * d): the closest to exact per cost measured
+            (``benchmarks/regularizer_estimators.py``). ``"lazy"``: the exact one every
+            period-th step weighted by the period, else nothing (StyleGAN2's lazy
+            regularisation): the same cost, but each step's gradient is 0 or m times the
+            exact one. ``"svrg"``: cached plus a correction over ``regularizer_samples``
+            uniform proxies (SVRG's control variate): unbiased, but its sampling noise
+            exceeds cached's staleness. ``"uniform"``: the mean over
+            ``regularizer_samples`` proxies drawn each step (unbiased; the proxies left out
+            get no gradient from their own row). None (default): ``"uniform"`` if
+            ``regularizer_samples`` is given, else ``"exact"``. The periodic estimators
+            keep their step and cached gradient in buffers (in ``state_dict``: a resumed
+            run keeps its schedule); a step is a call with gradients enabled, and other
+            calls compute the exact value.
         regularizer_period: steps between exact regularisers of the periodic estimators
-            (default 8).
+            (default 16).
         regularizer_samples: proxies drawn per step by ``"uniform"`` and ``"svrg"``.
         regularizer_block_elements: memory budget (in logits) of one block of the
             regulariser; larger problems are processed block by block.
