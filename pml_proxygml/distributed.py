@@ -323,6 +323,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
     Arguments are those of ``ProxyGMLLoss`` (``num_classes`` is the total C) plus
     ``process_group`` (the default group when None), which must be initialised first.
     Not supported: ``regularizer_samples``, ``weight_regularizer`` (both need all proxies),
+    a ``regularizer_estimator`` other than ``"exact"``,
     miners' ``indices_tuple``, ``ref_emb``, and ``get_logits`` (load ``full_state_dict()``
     into a ``ProxyGMLLoss`` for inference). Reducers and ``embedding_regularizer`` see the
     gathered batch. The default proxy initialisation is the official U(-1/sqrt(CN), 1/sqrt(CN))
@@ -347,6 +348,8 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
         for name in ("regularizer_samples", "weight_regularizer"):
             if getattr(self, name) is not None:
                 raise ValueError(f"ShardedProxyGMLLoss does not support {name}")
+        if self.regularizer_estimator != "exact":
+            raise ValueError("ShardedProxyGMLLoss computes the exact regulariser only")
 
     def _create_proxies(self) -> torch.nn.Parameter:
         """This rank's (C_r * N, d) rows of the proxies."""

@@ -700,6 +700,10 @@ def test_sharded_loss_rejects_what_needs_all_proxies(one_rank_group):
     for kwargs in ({"regularizer_samples": 4}, {"weight_regularizer": torch.nn.Identity()}):
         with pytest.raises(ValueError, match="does not support"):
             ShardedProxyGMLLoss(10, 8, **kwargs)
+    # It computes the exact regulariser over its shard: an estimator would be ignored.
+    for estimator in ("lazy", "cached"):
+        with pytest.raises(ValueError, match="computes the exact regulariser only"):
+            ShardedProxyGMLLoss(10, 8, regularizer_estimator=estimator)
     loss = ShardedProxyGMLLoss(10, 8, proxies_per_class=2)
     assert loss.proxies.shape == (20, 8) and loss.proxies.device.type == "cpu"
     assert loss.proxies.abs().max() <= 1 / 20**0.5

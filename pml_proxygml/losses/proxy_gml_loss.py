@@ -38,6 +38,13 @@ def default_top_k(num_classes: int, proxies_per_class: int) -> int:
     return min(max(official, 2 * proxies_per_class), num_classes * proxies_per_class)
 
 
+# The regulariser's estimators (``regularizer_estimator``): which need a period, which rows.
+REGULARIZER_ESTIMATORS = ("exact", "uniform", "lazy", "cached", "svrg")
+PERIODIC_ESTIMATORS = ("lazy", "cached", "svrg")
+SAMPLED_ESTIMATORS = ("uniform", "svrg")
+DEFAULT_REGULARIZER_PERIOD = 16
+
+
 def official_uniform_init(proxies: torch.Tensor) -> None:
     """U(-1/sqrt(CN), 1/sqrt(CN)): the official Kaiming-uniform(a=sqrt(5)) scale."""
     bound = 1.0 / math.sqrt(proxies.shape[0])
@@ -92,6 +99,42 @@ def _check_input_types(embeddings, labels) -> None:
         )
 
 
+def _resolve_regularizer_estimator(
+    estimator, period, samples, weight_lambda
+) -> tuple[str, int | None]:
+    """The estimator's name (None: uniform if ``samples`` is given, else exact) and period."""
+    if estimator is None:
+        estimator = "exact" if samples is None else "uniform"
+    if not isinstance(estimator, str) or estimator not in REGULARIZER_ESTIMATORS:
+        raise ValueError(
+            f"regularizer_estimator must be one of {REGULARIZER_ESTIMATORS}, got {estimator!r}"
+        )
+    if period is not None and estimator not in PERIODIC_ESTIMATORS:
+        raise ValueError(
+            f"regularizer_period applies to regularizer_estimator in {PERIODIC_ESTIMATORS}, "
+            f"got regularizer_estimator={estimator!r}"
+        )
+    if (samples is None) == (estimator in SAMPLED_ESTIMATORS):
+        raise ValueError(
+            f"regularizer_samples is needed by, and only by, regularizer_estimator in "
+            f"{SAMPLED_ESTIMATORS}, got regularizer_estimator={estimator!r} and "
+            f"regularizer_samples={samples!r}"
+        )
+    if estimator != "exact" and weight_lambda == 0:
+        raise ValueError(
+            f"regularizer_estimator={estimator!r} needs weight_lambda > 0 (with 0 there is "
+            "no regulariser to estimate)"
+        )
+    if estimator in PERIODIC_ESTIMATORS and period is None:
+        period = DEFAULT_REGULARIZER_PERIOD
+    return estimator, period
+
+
+def _sync_regularizer_step(loss: ProxyGMLLoss, incompatible_keys) -> None:
+    """After ``load_state_dict``: the host copy of the step follows the loaded buffer."""
+    loss._regularizer_steps_taken = int(loss.regularizer_step)
+
+
 class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """ProxyGML: deep graph metric learning with fewer proxies (NeurIPS 2020).
 
@@ -112,9 +155,26 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: k itself; overrides ``r`` when given (capped at C * N).
         weight_lambda: weight of the proxy regulariser (official: 0.3 on CUB and Cars,
             0 on SOP). It costs O(C * N * C * d) per step; set 0 for very many classes.
-        regularizer_samples: approximate the regulariser by its mean over this many proxies
-            drawn uniformly each step (an unbiased estimate, cost O(samples * C * d) instead
-            of O(C * N * C * d)); None (default) computes it exactly over all proxies.
+        regularizer_estimator: how each step estimates the regulariser (the exact one
+            costs O(C * N * C * d)). ``"exact"``: the official recipe. ``"cached"``: the
+            exact regulariser every ``regularizer_period``-th step; every step applies the
+            last one's gradient, carried through the current normalisation (its value to
+            first order), at O(C * N * d): the closest to exact per cost measured
+            (``benchmarks/regularizer_estimators.py``). ``"lazy"``: the exact one every
+            period-th step weighted by the period, else nothing (StyleGAN2's lazy
+            regularisation): the same cost, but each step's gradient is 0 or m times the
+            exact one. ``"svrg"``: cached plus a correction over ``regularizer_samples``
+            uniform proxies (SVRG's control variate): unbiased, but its sampling noise
+            exceeds cached's staleness. ``"uniform"``: the mean over
+            ``regularizer_samples`` proxies drawn each step (unbiased; the proxies left out
+            get no gradient from their own row). None (default): ``"uniform"`` if
+            ``regularizer_samples`` is given, else ``"exact"``. The periodic estimators
+            keep their step and cached gradient in buffers (in ``state_dict``: a resumed
+            run keeps its schedule); a step is a call with gradients enabled, and other
+            calls compute the exact value.
+        regularizer_period: steps between exact regularisers of the periodic estimators
+            (default 16).
+        regularizer_samples: proxies drawn per step by ``"uniform"`` and ``"svrg"``.
         regularizer_block_elements: memory budget (in logits) of one block of the
             regulariser; larger problems are processed block by block.
         selection_block_bytes: memory budget of one (batch, block) block of similarities
@@ -158,6 +218,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         top_k: int | None = None,
         weight_lambda: float = 0.3,
         regularizer_samples: int | None = None,
+        regularizer_estimator: str | None = None,
+        regularizer_period: int | None = None,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
         selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
         sparse_proxy_grad: bool = False,
@@ -171,6 +233,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             _check_positive_int("top_k", top_k)
         if regularizer_samples is not None:
             _check_positive_int("regularizer_samples", regularizer_samples)
+        if regularizer_period is not None:
+            _check_positive_int("regularizer_period", regularizer_period)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
         _check_positive_int("selection_block_bytes", selection_block_bytes)
         if r is not None and not (_is_number(r) and 0 < r <= 1):
@@ -192,6 +256,9 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.r = None if r is None else float(r)
         self.weight_lambda = float(weight_lambda)
         self.regularizer_samples = regularizer_samples
+        self.regularizer_estimator, self.regularizer_period = _resolve_regularizer_estimator(
+            regularizer_estimator, regularizer_period, regularizer_samples, weight_lambda
+        )
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
         self.sparse_proxy_grad = sparse_proxy_grad
@@ -202,6 +269,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
         self.proxies = self._create_proxies()
         self.weight_init_func(self.proxies)
+        self._register_regularizer_state()
         settings = ["num_classes", "embedding_size", "proxies_per_class", "top_k", "weight_lambda"]
         if self.r is not None:
             settings.append("r")
@@ -225,6 +293,31 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             "embedding_size": self.embedding_size,
         }
 
+    def _register_regularizer_state(self) -> None:
+        """Buffers of the periodic estimators: the step, and the cached exact regulariser.
+
+        The step is also kept on the host, so choosing a step's work costs no device sync.
+        """
+        if self.regularizer_estimator not in PERIODIC_ESTIMATORS:
+            return
+        self.register_buffer("regularizer_step", torch.zeros((), dtype=torch.long))
+        self._regularizer_steps_taken = 0
+        self.register_load_state_dict_post_hook(_sync_regularizer_step)
+        if self.regularizer_estimator != "lazy":
+            self.register_buffer("regularizer_anchor_value", torch.zeros(()))
+            self.register_buffer("regularizer_anchor_proxies", torch.zeros_like(self.proxies))
+            self.register_buffer("regularizer_anchor_gradient", torch.zeros_like(self.proxies))
+
+    def _regularizer_rows_per_step(self) -> float:
+        """Proxies whose C-way cross-entropy one step computes, on average over a period."""
+        total = self.num_classes * self.proxies_per_class
+        sampled = min(total, self.regularizer_samples or 0)
+        if self.regularizer_estimator == "uniform":
+            return sampled
+        if self.regularizer_estimator == "exact":
+            return total
+        return total / self.regularizer_period + 2 * sampled  # svrg: two samples a step
+
     def _check_distance(self) -> None:
         distance = self.distance
         if not isinstance(distance, DotProductSimilarity) or distance.power != 1 or distance.p != 2:
@@ -242,16 +335,14 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "default that keeps 2 * proxies_per_class.",
                 stacklevel=3,
             )
-        anchors = self.num_classes * self.proxies_per_class
-        if self.regularizer_samples is not None:
-            anchors = min(anchors, self.regularizer_samples)
+        anchors = self._regularizer_rows_per_step()
         flops = anchors * self.num_classes * self.embedding_size
         if self.weight_lambda > 0 and flops > REGULARIZER_WARNING_FLOPS:
             warnings.warn(
                 f"ProxyGMLLoss: the proxy regulariser costs about {flops:.1e} multiply-adds "
                 f"per step ({anchors} proxies x C={self.num_classes} classes x "
                 f"d={self.embedding_size}). The official recipe for many classes (SOP) "
-                "uses weight_lambda=0 and proxies_per_class=1; regularizer_samples "
+                "uses weight_lambda=0 and proxies_per_class=1; regularizer_estimator "
                 "approximates the regulariser at a fraction of the cost.",
                 stacklevel=3,
             )
@@ -323,15 +414,16 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
             return self.zero_loss()
-        rows = None
-        if self.regularizer_samples is not None and self.regularizer_samples < len(proxies):
-            rows = torch.randperm(len(proxies), device=proxies.device)[: self.regularizer_samples]
-        reg = gml.proxy_regularizer(
-            F.normalize(proxies, p=2, dim=1),
-            self.proxies_per_class,
-            self.regularizer_block_elements,
-            rows,
-        )
+        if self.regularizer_estimator in PERIODIC_ESTIMATORS and torch.is_grad_enabled():
+            reg = self._periodic_regularizer(proxies)
+        else:  # exact or uniform; the periodic estimators outside training take no step
+            rows = self._rows() if self.regularizer_estimator == "uniform" else None
+            reg = gml.proxy_regularizer(
+                F.normalize(proxies, p=2, dim=1),
+                self.proxies_per_class,
+                self.regularizer_block_elements,
+                rows,
+            )
         if self.collect_stats:
             self.proxy_reg_value = reg.item()
         return {
@@ -344,6 +436,46 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """The promotion of the embeddings', the proxies' and float32 dtypes."""
         dtype = torch.promote_types(embeddings.dtype, self.proxies.dtype)
         return torch.promote_types(dtype, torch.float32)
+
+    def _rows(self) -> torch.Tensor | None:
+        """``regularizer_samples`` proxies drawn uniformly without replacement (None: all)."""
+        total = len(self.proxies)
+        if self.regularizer_samples >= total:
+            return None
+        return torch.randperm(total, device=self.proxies.device)[: self.regularizer_samples]
+
+    def _periodic_regularizer(self, proxies: torch.Tensor) -> torch.Tensor:
+        """This step's estimate by a periodic estimator; the exact one on the period's first."""
+        step = self._regularizer_steps_taken
+        refresh = step % self.regularizer_period == 0
+        self._regularizer_steps_taken = step + 1
+        self.regularizer_step.fill_(step + 1)
+        blocks = self.regularizer_block_elements
+        if self.regularizer_estimator == "lazy":
+            if not refresh:
+                return proxies.new_zeros(())
+            unit = F.normalize(proxies, p=2, dim=1)
+            return self.regularizer_period * gml.proxy_regularizer(
+                unit, self.proxies_per_class, blocks
+            )
+        if refresh:
+            unit = F.normalize(proxies.detach(), p=2, dim=1)
+            value, gradient = gml.regularizer_value_and_gradient(
+                unit, self.proxies_per_class, blocks
+            )
+            self.regularizer_anchor_value.copy_(value)
+            self.regularizer_anchor_proxies.copy_(unit)
+            self.regularizer_anchor_gradient.copy_(gradient)
+        anchor = (
+            self.regularizer_anchor_proxies.to(proxies.dtype),
+            self.regularizer_anchor_value.to(proxies.dtype),
+            self.regularizer_anchor_gradient.to(proxies.dtype),
+        )
+        if self.regularizer_estimator == "cached" or refresh:
+            return gml.linearized_regularizer(proxies, *anchor)
+        return gml.variance_reduced_regularizer(
+            proxies, *anchor, self.proxies_per_class, self._rows(), blocks
+        )
 
     def _inputs_in_compute_dtype(
         self, embeddings: torch.Tensor
