@@ -16,7 +16,10 @@ import contextlib
 import functools
 import math
 import os
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +37,34 @@ DEFAULT_SELECTION_BLOCK_BYTES = 16 << 20
 
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
 DEFAULT_REGULARIZER_BLOCK_ELEMENTS = 1 << 24
+
+# How ``select_kept`` screens all proxies before rescoring its candidates exactly.
+SELECTION_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Devices whose bf16 / fp16 GEMMs sum in float32 (CUDA: once told to, see
+# ``_float32_accumulation``); meta has no data and runs any path.
+LOW_PRECISION_DEVICES = ("cpu", "cuda", "meta")
+
+# Fewest ranks on each side of the k-th the compute-dtype screening rescores.
+EXACT_MIN_WINDOW = 16
+
+# Fewest uncertain candidates a row screened in low precision may have before it falls back.
+LOW_PRECISION_MIN_BUDGET = 64
+
+# fp16 screening scales rows and proxies to norm ~2^7: no overflow (scores < 2^14 < 65504)
+# and only elements below ~2^-21 of the norm reach fp16's subnormals.
+FP16_INPUT_EXPONENT = 7
+
+# Below this many multiply-adds (B * CN * d) "auto" screens in the compute dtype unmeasured.
+AUTO_MIN_MULTIPLY_ADDS = 1 << 27
+
+# Relative rounding of float32 GEMM inputs per ``torch.get_float32_matmul_precision()``:
+# exact, TF32 (or two bf16 terms), bf16.
+FLOAT32_MATMUL_INPUT_UNIT = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
+FLOAT32_UNIT = 2.0**-24
+
+# Relative slack on every error bound: the float64 evaluation of the bound and of norms.
+BOUND_SLACK = 2.0**-20
 
 # Elements per numpy argpartition call of the CPU top-k: rows go in chunks this large (its
 # (rows, n) int64 result stays small) spread over torch's intra-op thread count.
@@ -143,6 +174,14 @@ def _exclude_columns(block: torch.Tensor, columns: torch.Tensor) -> None:
     block.scatter_reduce_(1, columns.clamp(0, width - 1), fill, reduce="amin")
 
 
+class Selection(NamedTuple):
+    """What ``select_kept`` returns (see there)."""
+
+    indices: torch.Tensor
+    similarities: torch.Tensor
+    fallback_rows: torch.Tensor
+
+
 @torch.no_grad()
 def select_topk(
     embeddings: torch.Tensor,
@@ -151,7 +190,23 @@ def select_topk(
     proxies_per_class: int,
     k: int,
     block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, similarities)`` of ``select_kept``, without its fallback count."""
+    kept = select_kept(embeddings, proxies, labels, proxies_per_class, k, block_bytes, precision)
+    return kept.indices, kept.similarities
+
+
+@torch.no_grad()
+def select_kept(
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    labels: torch.Tensor | None,
+    proxies_per_class: int,
+    k: int,
+    block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
+    precision: str = "fp32",
+) -> Selection:
     """The k proxies kept per sample, positives first, and their cosine similarities.
 
     Equivalent to the official ``topk(S + 1000 * positive_mask, k)`` with S the similarity to
@@ -159,9 +214,36 @@ def select_topk(
     kept plus the k - N most similar negative ones; if k < N only the k most similar
     positives are kept (and no negatives at all). With ``labels=None`` it is a plain top-k.
 
-    S is streamed over blocks of proxies with a running top-k, so the extra memory is
-    O(B * (k + block)) whatever CN; the proxies are never copied in normalised form.
-    No gradient flows through it (see ``kept_similarities``).
+    **Which negatives, exactly.** Rounding decides near-ties, so "most similar" needs one
+    definition of each similarity: the *canonical* value ``w_ij = fl(fl(x_i . p_j) * r_j)``
+    with ``r_j = fl(1 / |p_j|)``, the dot product taken by ``torch.sparse.sampled_addmm``
+    (a fixed vectorised loop over d per pair, whatever other pairs are asked: the same bits
+    every time) in the compute dtype. The kept negatives are the k - N largest w, ties to
+    the lower proxy index, whatever ``precision`` says: the precisions differ in speed only.
+
+    **Screening, then exact rescoring.** A GEMM scores all proxies, with a proven bound
+    ``|s_j - w_j| <= E_i + c |s_j|`` on how far a score lies from w (``_dot_error`` and
+    ``_low_precision_error``). A proxy whose score interval cannot reach the k-th largest
+    lower bound is certainly out; one whose lower bound beats the (k+1)-th largest upper
+    bound is certainly in; only the others need w to be decided.
+
+    * ``"fp32"``: scores in the compute dtype (float32, or float64 for float64 inputs);
+      E ~ 8 d u |x| (u its unit roundoff). ``_exact_window(k)`` ranks on each side of the
+      k-th are rescored, the others must be certain. Values of certain entries are the
+      GEMM's, of rescored ones w: they agree to the dtype's rounding.
+    * ``"bf16"``, ``"fp16"``: scores in that format (fast on hardware with low-precision
+      GEMMs); E ~ (|x| + |x - bf16(x)|) u_lp. Every proxy that may be kept is rescored
+      (all values are w) by the sampled product, which reads each pair's rows in place,
+      never gathering them. A row with more than ``max(k - N, LOW_PRECISION_MIN_BUDGET)``
+      uncertain candidates falls back to the ``"fp32"`` screening.
+    * ``"auto"``: the fastest of these for the device and shape (``_screening_dtype``).
+
+    A row the compute-dtype screening cannot certify is redone with an 8x wider window, up
+    to rescoring all its proxies. Scores are streamed over blocks of proxies with a running
+    top-(k + window), so the extra memory is O(B * (k + block)) whatever CN; the proxies
+    are never copied in normalised form at full precision. Counting the uncertified rows
+    (and a low-precision screening's candidates) is one host synchronisation per call, two
+    when rows fall back. No gradient flows through it (see ``kept_similarities``).
 
     Args:
         embeddings: (B, d) embeddings (normalised or not, as the distance says).
@@ -170,39 +252,428 @@ def select_topk(
         proxies_per_class: N.
         k: proxies kept per sample, 1 <= k <= CN.
         block_bytes: memory budget of one (B, block) block of similarities.
+        precision: one of ``SELECTION_PRECISIONS``: how all proxies are screened.
 
     Returns:
-        ``(indices, similarities)``, each (B, k), in no meaningful order.
+        ``Selection(indices, similarities, fallback_rows)``: (B, k) kept proxies, each
+        row's positives first, then its negatives in ascending proxy index (so a class's
+        entries are contiguous); their (B, k) similarities; the number of rows the
+        requested screening could not certify (a 0-dim tensor).
     """
+    if precision not in SELECTION_PRECISIONS:
+        raise ValueError(f"precision must be one of {SELECTION_PRECISIONS}, got {precision!r}")
     batch_size, num_proxies = embeddings.shape[0], proxies.shape[0]
     inverse_norms = proxy_norms(proxies).reciprocal()
     if labels is None:
-        kept_positives = embeddings.new_empty(batch_size, 0, dtype=torch.long)
+        positives = embeddings.new_empty(batch_size, 0, dtype=torch.long)
     else:
-        kept_positives = positive_proxy_indices(labels, proxies_per_class)
-    positive_values = torch.einsum("bd,bnd->bn", embeddings, proxies[kept_positives])
-    positive_values *= inverse_norms[kept_positives]
-    if k <= kept_positives.shape[1]:
+        positives = positive_proxy_indices(labels, proxies_per_class)
+    positive_values = torch.einsum("bd,bnd->bn", embeddings, proxies[positives])
+    positive_values *= inverse_norms[positives]
+    fallback_rows = torch.zeros((), dtype=torch.long, device=embeddings.device)
+    if k <= positives.shape[1]:
         values, best = positive_values.topk(k, dim=1, sorted=False)
-        return kept_positives.gather(1, best), values
+        return Selection(positives.gather(1, best), values, fallback_rows)
 
-    num_negatives = k - kept_positives.shape[1]
-    rows = max(
-        num_negatives, selection_block_rows(batch_size, embeddings.element_size(), block_bytes)
+    problem = _Screening(embeddings, proxies, inverse_norms, positives, block_bytes)
+    count = k - positives.shape[1]
+    if count == num_proxies - positives.shape[1]:  # every negative is kept
+        indices, values = _all_negatives(problem)
+    else:
+        screening = _screening_dtype(precision, problem, count)
+        indices, values, fallback_rows = _select_negatives(problem, count, screening)
+    return Selection(
+        torch.cat([positives, indices], dim=1),
+        torch.cat([positive_values, values], dim=1),
+        fallback_rows,
     )
-    best_values = best_indices = None
-    for start in range(0, num_proxies, rows):
-        stop = min(start + rows, num_proxies)
-        block = embeddings @ proxies[start:stop].T
-        block *= inverse_norms[start:stop]
-        _exclude_columns(block, kept_positives - start)
-        if best_values is None:  # the first block holds at least num_negatives columns
-            best_values, positions = _largest(block, num_negatives)
-            best_indices = positions + start
+
+
+class _Screening(NamedTuple):
+    """The inputs every screening of one selection shares."""
+
+    embeddings: torch.Tensor
+    proxies: torch.Tensor
+    inverse_norms: torch.Tensor
+    excluded: torch.Tensor  # (B, n) columns never kept: the positives
+    block_bytes: int
+
+    def rows(self, rows: torch.Tensor) -> _Screening:
+        return self._replace(embeddings=self.embeddings[rows], excluded=self.excluded[rows])
+
+
+def _select_negatives(
+    problem: _Screening, count: int, screening: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if screening == problem.embeddings.dtype:
+        return _select_by_exact_screening(problem, count, _exact_window(count))
+    return _select_by_low_precision(problem, count, screening)
+
+
+def _all_negatives(problem: _Screening) -> tuple[torch.Tensor, torch.Tensor]:
+    x, proxies, inverse_norms, excluded, _ = problem
+    scores = x @ proxies.T
+    scores *= inverse_norms
+    kept = torch.ones_like(scores, dtype=torch.bool).scatter_(1, excluded, False)
+    columns = torch.arange(len(proxies), device=x.device).expand_as(scores)
+    return _in_column_order(kept, scores.shape[1] - excluded.shape[1], columns, scores)
+
+
+def _screen(
+    problem: _Screening, width: int, screening: torch.Tensor, proxy_scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, columns) of each row's ``width`` best screening scores, columns ascending.
+
+    ``screening`` is the embeddings as the GEMM takes them: in the compute dtype (scores
+    ``fl(x . p_j) * proxy_scales_j``), or rounded to bf16 / fp16, each block of proxies then
+    scaled by ``proxy_scales`` and rounded likewise in one pass (scores in float32).
+    Streamed over blocks of proxies with a running top-``width``; excluded columns: -inf.
+    """
+    proxies, excluded = problem.proxies, problem.excluded
+    low_precision = screening.dtype in LOW_PRECISIONS.values()
+    element_size = 4 if low_precision else screening.element_size()
+    block = max(width, selection_block_rows(len(screening), element_size, problem.block_bytes))
+    best_scores = best_columns = None
+    for start in range(0, len(proxies), block):
+        stop = min(start + block, len(proxies))
+        if low_precision:
+            rounded = proxies.new_empty((stop - start, proxies.shape[1]), dtype=screening.dtype)
+            torch.mul(proxies[start:stop], proxy_scales[start:stop, None], out=rounded)
+            with _float32_accumulation(screening.device):
+                scores = (screening @ rounded.T).float()
         else:
-            best_values, best_indices = _merge_running_topk(best_values, best_indices, block, start)
-    indices = torch.cat([kept_positives, best_indices], dim=1)
-    return indices, torch.cat([positive_values, best_values], dim=1)
+            scores = screening @ proxies[start:stop].T
+            scores *= proxy_scales[start:stop]
+        _exclude_columns(scores, excluded - start)
+        if best_scores is None:  # the first block holds at least ``width`` columns
+            best_scores, positions = _largest(scores, width)
+            best_columns = positions + start
+        else:
+            best_scores, best_columns = _merge_running_topk(
+                best_scores, best_columns, scores, start
+            )
+    order = _argsort_rows(best_columns)
+    return best_scores.gather(1, order), best_columns.gather(1, order)
+
+
+def _argsort_rows(columns: torch.Tensor) -> torch.Tensor:
+    """Per-row argsort; numpy's (SIMD) on CPU outside ``torch.compile``."""
+    if columns.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.argsort(columns.numpy(), axis=1))
+    return columns.argsort(dim=1)
+
+
+def _canonical_similarities(
+    problem: _Screening, row_starts: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor:
+    """The canonical w_ij of the (row, column) pairs of a CSR pattern (rows grouped).
+
+    ``torch.sparse.sampled_addmm`` reads each pair's two rows in place and reduces over d
+    in a fixed loop: no (pairs, d) gather is built, and a pair's bits do not depend on the
+    other pairs (``tests/test_certified_selection.py`` checks both orders and subsets).
+    """
+    x, proxies, inverse_norms = problem.embeddings, problem.proxies, problem.inverse_norms
+    if x.device.type == "meta":  # no kernel and no data: only the shape matters
+        return x.new_empty(columns.shape)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            row_starts,
+            columns,
+            x.new_zeros(columns.shape),
+            size=(len(x), len(proxies)),
+            device=x.device,
+            check_invariants=False,
+        )
+        dots = torch.sparse.sampled_addmm(pattern, x, proxies.T).values()
+    return dots * inverse_norms[columns]
+
+
+def _top_by_key(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` largest keys of each row, ties to the lower position."""
+    kth = keys.kthvalue(keys.shape[1] - count + 1, dim=1, keepdim=True).values
+    above, tied = keys > kth, keys == kth
+    room = count - above.sum(dim=1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=1) <= room))
+
+
+def _in_column_order(
+    kept: torch.Tensor, count: int, *tensors: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Each tensor's entries where ``kept`` (``count`` per row), in order, (B, count) each:
+    a scatter, so no data-dependent shape and no host synchronisation."""
+    slots = torch.where(kept, kept.cumsum(dim=1) - 1, count)
+    return tuple(t.new_zeros(len(t), count + 1).scatter_(1, slots, t)[:, :count] for t in tensors)
+
+
+def _read_counts(counts: torch.Tensor, radix: int, on_meta: tuple[int, int]) -> tuple[int, int]:
+    """Two counts (the second below ``radix``) read in one host synchronisation."""
+    if counts.device.type == "meta":
+        return on_meta
+    return divmod(int(counts[0] * radix + counts[1]), radix)
+
+
+def _exact_window(count: int) -> int:
+    """Ranks on each side of the k-th the compute-dtype screening rescores."""
+    return max(EXACT_MIN_WINDOW, count // 16)
+
+
+def _select_by_exact_screening(
+    problem: _Screening, count: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(columns, values, uncertified rows) of the ``count`` best negatives, screened in the
+    compute dtype with the ``window`` ranks each side of the count-th rescored."""
+    x, num_columns = problem.embeddings, len(problem.proxies)
+    width = min(num_columns, count + window + 1)
+    scores, columns = _screen(problem, width, x, problem.inverse_norms)
+    rescored = min(width, 2 * window + 1)
+    bottom = scores.topk(min(width, rescored + 1), dim=1, largest=False, sorted=True)
+    ascending, positions = bottom.values.double(), bottom.indices[:, :rescored]
+    error = _exact_screening_error(problem).unsqueeze(1)
+    kth_lower = ascending[:, width - count, None] - error
+    certified = torch.ones_like(kth_lower, dtype=torch.bool)
+    if rescored < width:  # all above the window beat the (count + 1)-th
+        certified &= (
+            ascending[:, rescored, None] - error > ascending[:, width - count - 1, None] + error
+        )
+    if width < num_columns:  # all below the set lose to the count-th
+        certified &= ascending[:, :1] + error < kth_lower
+    row_starts = torch.arange(0, len(x) * rescored + 1, rescored, device=x.device)
+    exact = _canonical_similarities(problem, row_starts, columns.gather(1, positions).flatten())
+    exact = exact.view_as(positions).masked_fill(ascending[:, :rescored].isneginf(), float("-inf"))
+    keys = torch.full_like(scores, float("inf")).scatter_(1, positions, exact)
+    kept = _top_by_key(keys, count)
+    kept_columns, kept_values = _in_column_order(
+        kept, count, columns, scores.scatter_(1, positions, exact)
+    )
+    uncertified = ~certified.squeeze(1)
+    num_uncertified = uncertified.sum()
+    redo = 0 if x.device.type == "meta" else int(num_uncertified)
+    if redo:
+        rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
+        redone, redone_values, _ = _select_by_exact_screening(problem.rows(rows), count, window * 8)
+        kept_columns[rows], kept_values[rows] = redone, redone_values
+    return kept_columns, kept_values, num_uncertified
+
+
+def _select_by_low_precision(
+    problem: _Screening, count: int, screening: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(columns, values, uncertified rows) of the ``count`` best negatives, screened in
+    ``screening`` (bf16 or fp16), every candidate rescored; uncertified rows are redone by
+    ``_select_by_exact_screening``.
+
+    Each row is first scaled by a power of two to a norm in [2^(a-1), 2^a) (exact), and the
+    normalised proxies by 2^a, a = ``FP16_INPUT_EXPONENT`` for fp16 (its range is narrow),
+    0 for bf16; scores are scaled back exactly.
+    """
+    x, num_columns = problem.embeddings, len(problem.proxies)
+    exponent = FP16_INPUT_EXPONENT if screening == torch.float16 else 0
+    _, norm_exponents = torch.frexp(torch.linalg.vector_norm(x, dim=1))
+    shifts = (exponent - norm_exponents).unsqueeze(1)
+    scaled = torch.ldexp(x, shifts)
+    rounded = scaled.to(screening)
+    width = min(num_columns, count + max(LOW_PRECISION_MIN_BUDGET, count) + 1)
+    proxy_scales = problem.inverse_norms * 2.0**exponent
+    scaled_scores, columns = _screen(problem, width, rounded, proxy_scales)
+    scores = torch.ldexp(scaled_scores.double(), -(shifts + exponent))
+    score_exponents = (shifts + exponent).squeeze(1)
+    error, relative = _low_precision_error(problem, scaled, rounded, exponent, score_exponents)
+    kth = scores.kthvalue(width - count + 1, dim=1, keepdim=True).values
+    kth_lower = kth - error - relative * kth.abs()
+    upper = scores + error + relative * scores.abs()
+    candidates = upper >= kth_lower
+    certified = torch.ones_like(kth_lower, dtype=torch.bool)
+    if width < num_columns:  # all below the set lose to the count-th
+        certified = upper.amin(dim=1, keepdim=True) < kth_lower
+    uncertified = ~certified.squeeze(1)
+    num_uncertified = uncertified.sum()
+    num_pairs, redo = _read_counts(
+        torch.stack([candidates.sum(), num_uncertified]), len(x) + 1, (candidates.numel(), 0)
+    )
+    pairs = torch.nonzero_static(candidates, size=num_pairs)
+    row_starts = F.pad(candidates.sum(dim=1).cumsum(0), (1, 0))
+    exact = _canonical_similarities(problem, row_starts, columns[pairs[:, 0], pairs[:, 1]])
+    keys = torch.full_like(scaled_scores, float("-inf"), dtype=x.dtype)
+    keys[pairs[:, 0], pairs[:, 1]] = exact
+    kept_columns, kept_values = _in_column_order(_top_by_key(keys, count), count, columns, keys)
+    if redo:
+        rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
+        redone, redone_values, _ = _select_by_exact_screening(
+            problem.rows(rows), count, _exact_window(count)
+        )
+        kept_columns[rows], kept_values[rows] = redone, redone_values
+    return kept_columns, kept_values, num_uncertified
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def _gamma(terms: int, unit: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term sum."""
+    return terms * unit / (1 - terms * unit)
+
+
+def _matmul_input_unit(x: torch.Tensor) -> float:
+    """Relative rounding a float32 GEMM may apply to its inputs (TF32, bf16 modes)."""
+    if x.dtype != torch.float32:
+        return 0.0
+    unit = FLOAT32_MATMUL_INPUT_UNIT[torch.get_float32_matmul_precision()]
+    if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        unit = max(unit, FLOAT32_MATMUL_INPUT_UNIT["high"])
+    return unit
+
+
+def _dot_error(problem: _Screening, input_unit: float) -> torch.Tensor:
+    """(B,) float64 bound on |fl(fl(x . p_j) * r_j) - (x . p_j) r_j| over j, any GEMM.
+
+    The GEMM may round its inputs with relative error ``input_unit`` (0 unless TF32 or a
+    bf16 float32 mode is on), then sums d products in the compute dtype (unit u) in any
+    order: error <= gamma_d sum|x_t p_t| <= gamma_d |x| |p_j| (Higham, Thm 3.1, and
+    Cauchy-Schwarz), doubled here as a margin for the accumulation order. With rounded
+    inputs: (2 u_in + u_in^2 + gamma_d (1 + u_in)^2) |x| |p_j|. Scaling by r_j adds u times
+    the result; |p_j| r_j <= nu = (1 + u) / (1 - gamma_{d+2}) (the norm's own rounding),
+    and underflow adds at most (d r_max + 1) * tiny.
+    """
+    x, inverse_norms = problem.embeddings, problem.inverse_norms
+    dim, unit, tiny = x.shape[1], _unit_roundoff(x.dtype), torch.finfo(x.dtype).tiny
+    nu = (1 + unit) / (1 - _gamma(dim + 2, unit))
+    relative = 2 * input_unit + input_unit**2 + 2 * _gamma(dim, unit) * (1 + input_unit) ** 2
+    relative += unit * (1 + relative)
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
+    underflow = (dim * inverse_norms.amax().double() + 1) * tiny
+    return norms * nu * relative + underflow
+
+
+def _exact_screening_error(problem: _Screening) -> torch.Tensor:
+    """(B,) bound on |GEMM score - canonical w| for the compute-dtype screening: both are
+    within ``_dot_error`` of the exact (x . p_j) r_j."""
+    canonical = _dot_error(problem, 0.0)
+    return (canonical + _dot_error(problem, _matmul_input_unit(problem.embeddings))) * (
+        1 + BOUND_SLACK
+    )
+
+
+def _low_precision_error(
+    problem: _Screening,
+    scaled: torch.Tensor,
+    rounded: torch.Tensor,
+    proxy_exponent: int,
+    score_exponents: torch.Tensor,
+) -> tuple[torch.Tensor, float]:
+    """(E, c): |s_j - w_j| <= E_i + c |s_j| for the low-precision scores s of ``_screen``.
+
+    In row i's scaled units, x' = x 2^e (``scaled``; exact), p'_j = p_j r_j 2^a (a =
+    ``proxy_exponent``) and t_j = x' . p'_j = 2^(e + a) (x . p_j) r_j, e + a being
+    ``score_exponents``. The GEMM takes x~ = lp(x') (``rounded``) and p~_j = lp(fl(p'_j)),
+    both rounded to nearest with unit u_lp (an element flushed to zero or subnormal is off
+    by at most tiny_lp); it forms the products exactly in float32 (two lp significands need
+    at most 22 bits), sums them in float32 in any order (the assumption, checked on this
+    device by ``tests/test_certified_selection.py``) and rounds the sum to q in lp. With
+    R = |x' - x~| (measured; the difference is exact by Sterbenz's lemma), P = 2^a nu >= |p'_j|,
+    u_p = u_lp (1 + u) + u (p'_j is rounded twice) and f = tiny_lp sqrt(d):
+
+        |x~ . p~_j - t_j| <= R (P (1 + u_p) + f) + |x'| (u_p P + f)
+        |sum - x~ . p~_j| <= gamma_d(float32) (|x'| + R) (P (1 + u_p) + f), doubled as a margin
+        |q - sum|         <= c |q| + (1 + c) tiny_lp,   c = u_lp / (1 - u_lp)
+
+    s = q 2^-(e + a) exactly, so E_i is the sum of these over 2^(e + a), plus the canonical
+    value's own ``_dot_error``.
+    """
+    x = problem.embeddings
+    dim, unit = x.shape[1], _unit_roundoff(x.dtype)
+    low_unit, low_tiny = _unit_roundoff(rounded.dtype), torch.finfo(rounded.dtype).tiny
+    floor = (low_tiny + torch.finfo(x.dtype).tiny) * math.sqrt(dim)
+    proxy_norm = 2.0**proxy_exponent * (1 + unit) / (1 - _gamma(dim + 2, unit))
+    proxy_unit = low_unit * (1 + unit) + unit
+    rounded_proxy_norm = proxy_norm * (1 + proxy_unit) + floor
+    x_norm = torch.linalg.vector_norm(scaled, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
+    residual = scaled - rounded.to(x.dtype)
+    residual = torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
+    residual += floor
+    inputs = residual * rounded_proxy_norm + x_norm * (proxy_unit * proxy_norm + floor)
+    float32_sum = _gamma(dim, FLOAT32_UNIT) * (x_norm + residual) * rounded_proxy_norm
+    accumulation = 2 * (float32_sum + dim * torch.finfo(torch.float32).tiny)
+    relative = low_unit / (1 - low_unit)
+    scaled_error = inputs + accumulation + (1 + relative) * low_tiny
+    error = torch.ldexp(scaled_error, -score_exponents) + _dot_error(problem, 0.0)
+    return (error * (1 + BOUND_SLACK)).unsqueeze(1), relative * (1 + BOUND_SLACK)
+
+
+def _screening_dtype(precision: str, problem: _Screening, count: int) -> torch.dtype:
+    """The dtype the proxies are screened in: ``precision`` resolved for this device."""
+    x = problem.embeddings
+    if precision == "fp32":
+        return x.dtype
+    if precision == "auto":
+        return _fastest_screening(problem, count)
+    if x.device.type not in LOW_PRECISION_DEVICES:
+        raise ValueError(
+            f"precision={precision!r} is certified on {LOW_PRECISION_DEVICES} only (it needs "
+            f"GEMMs that sum in float32), got device {x.device.type!r}"
+        )
+    return LOW_PRECISIONS[precision]
+
+
+# The screening measured fastest per (device, dtype, shape, k): see ``_fastest_screening``.
+_FASTEST_SCREENING: dict[tuple, torch.dtype] = {}
+
+
+def _fastest_screening(problem: _Screening, count: int) -> torch.dtype:
+    """The screening dtype that selects fastest here, measured once per shape.
+
+    Every screening gives the same result, so the first call of a shape times each (one
+    warm-up and one timed run of the whole negative selection) and remembers the winner.
+    Below ``AUTO_MIN_MULTIPLY_ADDS`` (B * CN * d) the overheads dominate: compute dtype.
+    """
+    x, proxies = problem.embeddings, problem.proxies
+    work = x.shape[0] * proxies.shape[0] * x.shape[1]
+    if (
+        x.device.type not in LOW_PRECISION_DEVICES
+        or x.device.type == "meta"
+        or work < AUTO_MIN_MULTIPLY_ADDS
+        or torch.compiler.is_compiling()
+    ):
+        return x.dtype
+    key = (x.device, x.dtype, *x.shape, len(proxies), problem.excluded.shape[1], count)
+    if key not in _FASTEST_SCREENING:
+        candidates = (x.dtype, *LOW_PRECISIONS.values())
+        seconds = {dtype: _selection_seconds(problem, count, dtype) for dtype in candidates}
+        _FASTEST_SCREENING[key] = min(seconds, key=seconds.get)
+    return _FASTEST_SCREENING[key]
+
+
+def _selection_seconds(problem: _Screening, count: int, screening: torch.dtype) -> float:
+    synchronize = torch.cuda.synchronize if problem.embeddings.is_cuda else lambda: None
+    _select_negatives(problem, count, screening)  # warm-up: kernel set-up, first touches
+    synchronize()
+    start = time.perf_counter()
+    _select_negatives(problem, count, screening)
+    synchronize()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _float32_accumulation(device: torch.device):
+    """cuBLAS may reduce bf16 / fp16 GEMMs in low precision; the bound needs float32 sums."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = (
+        matmul.allow_bf16_reduced_precision_reduction,
+        matmul.allow_fp16_reduced_precision_reduction,
+    )
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        (
+            matmul.allow_bf16_reduced_precision_reduction,
+            matmul.allow_fp16_reduced_precision_reduction,
+        ) = saved
 
 
 def _weighted_bag_sums(

@@ -85,8 +85,9 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("check_inputs", "expected_syncs"), [(True, 1), (False, 0)])
+@pytest.mark.parametrize(("check_inputs", "expected_syncs"), [(True, 2), (False, 1)])
 def test_host_syncs_in_a_training_step(check_inputs, expected_syncs):
+    """The input check's sync, and the selection's count of uncertified rows."""
     loss_fn = loss_for_case(CUB_CASE, torch.float32, check_inputs=check_inputs)
     embeddings, labels = cub_batch()
     embeddings.requires_grad_()
