@@ -45,11 +45,10 @@ LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # ``_float32_accumulation``); meta has no data and runs any path.
 LOW_PRECISION_DEVICES = ("cpu", "cuda", "meta")
 
-# Fewest ranks on each side of the k-th the compute-dtype screening rescores.
-EXACT_MIN_WINDOW = 16
-
-# Fewest uncertain candidates a row screened in low precision may have before it falls back.
-LOW_PRECISION_MIN_BUDGET = 64
+# Fewest entries beyond the k-th a screening keeps as candidates (compute dtype: max(this,
+# k / 16); low precision: max(this, k)); a row needing more is redone (see select_kept).
+EXACT_MIN_MARGIN = 16
+LOW_PRECISION_MIN_MARGIN = 64
 
 # fp16 screening scales rows and proxies to norm ~2^7: no overflow (scores < 2^14 < 65504)
 # and only elements below ~2^-21 of the norm reach fp16's subnormals.
@@ -222,28 +221,30 @@ def select_kept(
     the lower proxy index, whatever ``precision`` says: the precisions differ in speed only.
 
     **Screening, then exact rescoring.** A GEMM scores all proxies, with a proven bound
-    ``|s_j - w_j| <= E_i + c |s_j|`` on how far a score lies from w (``_dot_error`` and
-    ``_low_precision_error``). A proxy whose score interval cannot reach the k-th largest
-    lower bound is certainly out; one whose lower bound beats the (k+1)-th largest upper
-    bound is certainly in; only the others need w to be decided.
+    ``|s_j - w_j| <= E_i + c |s_j|`` on how far a score lies from w (``_dot_error``,
+    ``_low_precision_error``). Each row keeps its k - N + m best scores (m a margin) and
+    checks that every proxy it dropped is certainly out: its upper bound s + E + c|s| stays
+    below the (k - N)-th score's lower bound. Within the kept set, a proxy whose lower bound
+    beats the (k - N + 1)-th score's upper bound is certainly in; the others with an
+    interval reaching the boundary are rescored (their w computed) and decide.
 
-    * ``"fp32"``: scores in the compute dtype (float32, or float64 for float64 inputs);
-      E ~ 8 d u |x| (u its unit roundoff). ``_exact_window(k)`` ranks on each side of the
-      k-th are rescored, the others must be certain. Values of certain entries are the
-      GEMM's, of rescored ones w: they agree to the dtype's rounding.
-    * ``"bf16"``, ``"fp16"``: scores in that format (fast on hardware with low-precision
-      GEMMs); E ~ (|x| + |x - bf16(x)|) u_lp. Every proxy that may be kept is rescored
-      (all values are w) by the sampled product, which reads each pair's rows in place,
-      never gathering them. A row with more than ``max(k - N, LOW_PRECISION_MIN_BUDGET)``
-      uncertain candidates falls back to the ``"fp32"`` screening.
-    * ``"auto"``: the fastest of these for the device and shape (``_screening_dtype``).
+    * ``"fp32"``: scores in the compute dtype (float32, or float64 for float64 inputs):
+      E ~ 2 d u |x| (u its unit roundoff), so only proxies within a few ulps of the
+      boundary are rescored; m = max(``EXACT_MIN_MARGIN``, k / 16). Kept values are the
+      GEMM's, or w where rescored: equal to the dtype's rounding.
+    * ``"bf16"``, ``"fp16"``: scores in that format, fast where the hardware has
+      low-precision GEMMs: E ~ (|x| + |x - lp(x)|) u_lp. Every proxy that may be kept is
+      rescored (all values are w), by a sampled product that reads each pair's rows in
+      place, never gathering them; m = max(``LOW_PRECISION_MIN_MARGIN``, k - N).
+    * ``"auto"``: the fastest of these for the device and shape (``_fastest_screening``).
 
-    A row the compute-dtype screening cannot certify is redone with an 8x wider window, up
-    to rescoring all its proxies. Scores are streamed over blocks of proxies with a running
-    top-(k + window), so the extra memory is O(B * (k + block)) whatever CN; the proxies
-    are never copied in normalised form at full precision. Counting the uncertified rows
-    (and a low-precision screening's candidates) is one host synchronisation per call, two
-    when rows fall back. No gradient flows through it (see ``kept_similarities``).
+    A row that cannot be certified falls back to the ``"fp32"`` screening, or, from there,
+    to the same with an 8x wider margin: at m = CN every row is certified. Scores are
+    streamed over blocks of proxies with a running top-(k - N + m), so the extra memory is
+    O(B * (k + m + block)) whatever CN; the proxies are never copied in normalised form at
+    full precision. Reading the counts of rescored pairs and uncertified rows is one host
+    synchronisation per call (one more per fallback). No gradient flows through it (see
+    ``kept_similarities``).
 
     Args:
         embeddings: (B, d) embeddings (normalised or not, as the distance says).
@@ -306,8 +307,8 @@ def _select_negatives(
     problem: _Screening, count: int, screening: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if screening == problem.embeddings.dtype:
-        return _select_by_exact_screening(problem, count, _exact_window(count))
-    return _select_by_low_precision(problem, count, screening)
+        return _select_certified(problem, count, screening, _exact_margin(count))
+    return _select_certified(problem, count, screening, max(LOW_PRECISION_MIN_MARGIN, count))
 
 
 def _all_negatives(problem: _Screening) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,34 +365,64 @@ def _argsort_rows(columns: torch.Tensor) -> torch.Tensor:
 
 
 def _canonical_similarities(
-    problem: _Screening, row_starts: torch.Tensor, columns: torch.Tensor
+    problem: _Screening, rows: torch.Tensor, columns: torch.Tensor
 ) -> torch.Tensor:
-    """The canonical w_ij of the (row, column) pairs of a CSR pattern (rows grouped).
+    """The canonical w of the (row, column) pairs, ``rows`` ascending.
 
-    ``torch.sparse.sampled_addmm`` reads each pair's two rows in place and reduces over d
-    in a fixed loop: no (pairs, d) gather is built, and a pair's bits do not depend on the
-    other pairs (``tests/test_certified_selection.py`` checks both orders and subsets).
+    ``torch.sparse.sampled_addmm`` reads each pair's two vectors in place and reduces over d
+    in a fixed loop: no (pairs, d) gather is built, and a pair's bits depend on nothing else
+    (the same in either orientation and in any subset: ``tests/test_certified_selection``).
+    On CPU, pairs outnumbering the proxies go proxy-major, so each proxy is read once.
     """
     x, proxies, inverse_norms = problem.embeddings, problem.proxies, problem.inverse_norms
     if x.device.type == "meta":  # no kernel and no data: only the shape matters
         return x.new_empty(columns.shape)
+    by_proxy = x.device.type == "cpu" and len(columns) > len(proxies)
+    if by_proxy:
+        order = _argsort_rows(columns.unsqueeze(0)).squeeze(0)
+        rows, columns = columns[order], rows[order]
+        left, right = proxies, x
+    else:
+        left, right = x, proxies
+    row_starts = F.pad(torch.bincount(rows, minlength=len(left)).cumsum(0), (1, 0))
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(
             row_starts,
             columns,
-            x.new_zeros(columns.shape),
-            size=(len(x), len(proxies)),
+            left.new_zeros(columns.shape),
+            size=(len(left), len(right)),
             device=x.device,
             check_invariants=False,
         )
-        dots = torch.sparse.sampled_addmm(pattern, x, proxies.T).values()
+        dots = torch.sparse.sampled_addmm(pattern, left, right.T).values()
+    if by_proxy:
+        return torch.empty_like(dots).index_copy_(0, order, dots * inverse_norms[rows])
     return dots * inverse_norms[columns]
+
+
+def _largest_two(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1) each: the ``rank``-th and (``rank`` + 1)-th largest value of each row (-inf
+    when the row has only ``rank`` values).
+
+    numpy's partition (a SIMD introselect) on CPU outside ``torch.compile``: several times
+    faster there than ``torch.kthvalue``.
+    """
+    below = values.shape[1] - rank  # entries ranked after the rank-th
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        partitioned = torch.from_numpy(np.partition(values.numpy(), below, axis=1))
+        kth, after = partitioned[:, below, None], partitioned[:, :below]
+        after = after.amax(dim=1, keepdim=True) if below else torch.full_like(kth, -math.inf)
+        return kth, after
+    kth = values.kthvalue(below + 1, dim=1, keepdim=True).values
+    if below == 0:
+        return kth, torch.full_like(kth, -math.inf)
+    return kth, values.kthvalue(below, dim=1, keepdim=True).values
 
 
 def _top_by_key(keys: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` largest keys of each row, ties to the lower position."""
-    kth = keys.kthvalue(keys.shape[1] - count + 1, dim=1, keepdim=True).values
+    kth, _ = _largest_two(keys, count)
     above, tied = keys > kth, keys == kth
     room = count - above.sum(dim=1, keepdim=True)
     return above | (tied & (tied.cumsum(dim=1) <= room))
@@ -413,97 +444,79 @@ def _read_counts(counts: torch.Tensor, radix: int, on_meta: tuple[int, int]) -> 
     return divmod(int(counts[0] * radix + counts[1]), radix)
 
 
-def _exact_window(count: int) -> int:
-    """Ranks on each side of the k-th the compute-dtype screening rescores."""
-    return max(EXACT_MIN_WINDOW, count // 16)
+def _exact_margin(count: int) -> int:
+    """Entries beyond the k-th the compute-dtype screening keeps as possible candidates."""
+    return max(EXACT_MIN_MARGIN, count // 16)
 
 
-def _select_by_exact_screening(
-    problem: _Screening, count: int, window: int
+def _select_certified(
+    problem: _Screening, count: int, screening: torch.dtype, margin: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(columns, values, uncertified rows) of the ``count`` best negatives, screened in the
-    compute dtype with the ``window`` ranks each side of the count-th rescored."""
-    x, num_columns = problem.embeddings, len(problem.proxies)
-    width = min(num_columns, count + window + 1)
-    scores, columns = _screen(problem, width, x, problem.inverse_norms)
-    rescored = min(width, 2 * window + 1)
-    bottom = scores.topk(min(width, rescored + 1), dim=1, largest=False, sorted=True)
-    ascending, positions = bottom.values.double(), bottom.indices[:, :rescored]
-    error = _exact_screening_error(problem).unsqueeze(1)
-    kth_lower = ascending[:, width - count, None] - error
-    certified = torch.ones_like(kth_lower, dtype=torch.bool)
-    if rescored < width:  # all above the window beat the (count + 1)-th
-        certified &= (
-            ascending[:, rescored, None] - error > ascending[:, width - count - 1, None] + error
-        )
-    if width < num_columns:  # all below the set lose to the count-th
-        certified &= ascending[:, :1] + error < kth_lower
-    row_starts = torch.arange(0, len(x) * rescored + 1, rescored, device=x.device)
-    exact = _canonical_similarities(problem, row_starts, columns.gather(1, positions).flatten())
-    exact = exact.view_as(positions).masked_fill(ascending[:, :rescored].isneginf(), float("-inf"))
-    keys = torch.full_like(scores, float("inf")).scatter_(1, positions, exact)
-    kept = _top_by_key(keys, count)
-    kept_columns, kept_values = _in_column_order(
-        kept, count, columns, scores.scatter_(1, positions, exact)
-    )
-    uncertified = ~certified.squeeze(1)
-    num_uncertified = uncertified.sum()
-    redo = 0 if x.device.type == "meta" else int(num_uncertified)
-    if redo:
-        rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
-        redone, redone_values, _ = _select_by_exact_screening(problem.rows(rows), count, window * 8)
-        kept_columns[rows], kept_values[rows] = redone, redone_values
-    return kept_columns, kept_values, num_uncertified
+    """(columns, values, uncertified rows) of each row's ``count`` best negatives by w.
 
-
-def _select_by_low_precision(
-    problem: _Screening, count: int, screening: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(columns, values, uncertified rows) of the ``count`` best negatives, screened in
-    ``screening`` (bf16 or fp16), every candidate rescored; uncertified rows are redone by
-    ``_select_by_exact_screening``.
-
-    Each row is first scaled by a power of two to a norm in [2^(a-1), 2^a) (exact), and the
-    normalised proxies by 2^a, a = ``FP16_INPUT_EXPONENT`` for fp16 (its range is narrow),
-    0 for bf16; scores are scaled back exactly.
+    Screens in ``screening``, keeps the ``count + margin + 1`` best scores and certifies
+    that every dropped proxy loses (its upper bound < the count-th's lower bound). Entries
+    whose bounds overlap the boundary are rescored; a compute-dtype screening keeps the
+    GEMM's value for entries certainly in, a low-precision one rescores every candidate.
+    Uncertified rows are redone in the compute dtype, with an 8x wider margin if that was
+    the screening already (at CN columns every row is certified).
     """
     x, num_columns = problem.embeddings, len(problem.proxies)
-    exponent = FP16_INPUT_EXPONENT if screening == torch.float16 else 0
-    _, norm_exponents = torch.frexp(torch.linalg.vector_norm(x, dim=1))
-    shifts = (exponent - norm_exponents).unsqueeze(1)
-    scaled = torch.ldexp(x, shifts)
-    rounded = scaled.to(screening)
-    width = min(num_columns, count + max(LOW_PRECISION_MIN_BUDGET, count) + 1)
-    proxy_scales = problem.inverse_norms * 2.0**exponent
-    scaled_scores, columns = _screen(problem, width, rounded, proxy_scales)
-    scores = torch.ldexp(scaled_scores.double(), -(shifts + exponent))
-    score_exponents = (shifts + exponent).squeeze(1)
-    error, relative = _low_precision_error(problem, scaled, rounded, exponent, score_exponents)
-    kth = scores.kthvalue(width - count + 1, dim=1, keepdim=True).values
+    width = min(num_columns, count + margin + 1)
+    scores, columns, error, relative, gemm_values = _screened(problem, width, screening)
+    kth, after_kth = _largest_two(scores, count)
     kth_lower = kth - error - relative * kth.abs()
     upper = scores + error + relative * scores.abs()
-    candidates = upper >= kth_lower
-    certified = torch.ones_like(kth_lower, dtype=torch.bool)
-    if width < num_columns:  # all below the set lose to the count-th
-        certified = upper.amin(dim=1, keepdim=True) < kth_lower
-    uncertified = ~certified.squeeze(1)
-    num_uncertified = uncertified.sum()
+    rescore = upper >= kth_lower
+    if gemm_values is not None:  # entries above the (count + 1)-th's upper bound are in
+        certainly_in = scores - error > after_kth + error
+        rescore &= ~certainly_in
+    certified = torch.ones_like(kth, dtype=torch.bool).squeeze(1)
+    if width < num_columns:
+        certified = upper.amin(dim=1) < kth_lower.squeeze(1)
+    uncertified = ~certified
     num_pairs, redo = _read_counts(
-        torch.stack([candidates.sum(), num_uncertified]), len(x) + 1, (candidates.numel(), 0)
+        torch.stack([rescore.sum(), uncertified.sum()]), len(x) + 1, (rescore.numel(), 0)
     )
-    pairs = torch.nonzero_static(candidates, size=num_pairs)
-    row_starts = F.pad(candidates.sum(dim=1).cumsum(0), (1, 0))
-    exact = _canonical_similarities(problem, row_starts, columns[pairs[:, 0], pairs[:, 1]])
-    keys = torch.full_like(scaled_scores, float("-inf"), dtype=x.dtype)
-    keys[pairs[:, 0], pairs[:, 1]] = exact
-    kept_columns, kept_values = _in_column_order(_top_by_key(keys, count), count, columns, keys)
+    rows, positions = torch.nonzero_static(rescore, size=num_pairs).unbind(1)
+    keys = torch.full_like(scores, float("-inf"), dtype=x.dtype)
+    keys[rows, positions] = _canonical_similarities(problem, rows, columns[rows, positions])
+    values = keys
+    if gemm_values is not None:
+        values = torch.where(certainly_in, gemm_values, keys)
+        keys.masked_fill_(certainly_in, float("inf"))
+    kept_columns, kept_values = _in_column_order(_top_by_key(keys, count), count, columns, values)
     if redo:
         rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
-        redone, redone_values, _ = _select_by_exact_screening(
-            problem.rows(rows), count, _exact_window(count)
-        )
+        wider = 8 * margin if screening == x.dtype else _exact_margin(count)
+        redone, redone_values, _ = _select_certified(problem.rows(rows), count, x.dtype, wider)
         kept_columns[rows], kept_values[rows] = redone, redone_values
-    return kept_columns, kept_values, num_uncertified
+    return kept_columns, kept_values, uncertified.sum()
+
+
+def _screened(
+    problem: _Screening, width: int, screening: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """Each row's ``width`` best screening scores s (float64, columns ascending), their
+    columns, the bound (E (B, 1), c) of ``|s - w| <= E + c |s|``, and the GEMM's values in
+    the compute dtype when it screened in that dtype (else None)."""
+    x = problem.embeddings
+    if screening == x.dtype:
+        values, columns = _screen(problem, width, x, problem.inverse_norms)
+        return values.double(), columns, _exact_screening_error(problem).unsqueeze(1), 0.0, values
+    # Rows scaled by powers of two to norm [2^(a-1), 2^a) and proxies normalised times 2^a:
+    # exact, and for fp16 (a = FP16_INPUT_EXPONENT) safe from its narrow range.
+    exponent = FP16_INPUT_EXPONENT if screening == torch.float16 else 0
+    _, norm_exponents = torch.frexp(torch.linalg.vector_norm(x, dim=1))
+    shifts = exponent - norm_exponents
+    scaled = torch.ldexp(x, shifts.unsqueeze(1))
+    rounded = scaled.to(screening)
+    proxy_scales = problem.inverse_norms * 2.0**exponent
+    scaled_scores, columns = _screen(problem, width, rounded, proxy_scales)
+    score_exponents = shifts + exponent
+    scores = torch.ldexp(scaled_scores.double(), -score_exponents.unsqueeze(1))
+    error, relative = _low_precision_error(problem, scaled, rounded, exponent, score_exponents)
+    return scores, columns, error, relative, None
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -525,34 +538,35 @@ def _matmul_input_unit(x: torch.Tensor) -> float:
     return unit
 
 
-def _dot_error(problem: _Screening, input_unit: float) -> torch.Tensor:
-    """(B,) float64 bound on |fl(fl(x . p_j) * r_j) - (x . p_j) r_j| over j, any GEMM.
+def _dot_error(problem: _Screening, *input_units: float) -> torch.Tensor:
+    """(B,) float64 bound, summed over GEMMs that round their inputs by ``input_units``, on
+    |fl(fl(x . p_j) * r_j) - (x . p_j) r_j| over j, whatever the GEMM.
 
-    The GEMM may round its inputs with relative error ``input_unit`` (0 unless TF32 or a
-    bf16 float32 mode is on), then sums d products in the compute dtype (unit u) in any
-    order: error <= gamma_d sum|x_t p_t| <= gamma_d |x| |p_j| (Higham, Thm 3.1, and
-    Cauchy-Schwarz), doubled here as a margin for the accumulation order. With rounded
-    inputs: (2 u_in + u_in^2 + gamma_d (1 + u_in)^2) |x| |p_j|. Scaling by r_j adds u times
-    the result; |p_j| r_j <= nu = (1 + u) / (1 - gamma_{d+2}) (the norm's own rounding),
-    and underflow adds at most (d r_max + 1) * tiny.
+    A GEMM may round its inputs with relative error u_in (0 unless TF32 or a bf16 float32
+    mode is on), then sums d products in the compute dtype (unit u) in any order, with or
+    without FMA: error <= gamma_d sum|x~_t p~_t| (Higham, Accuracy and Stability, 2002,
+    Thm 3.1 and Lemma 3.3: any order); with Cauchy-Schwarz the total is at most
+    (2 u_in + u_in^2 + gamma_d (1 + u_in)^2) |x| |p_j|. Scaling by r_j adds u times the
+    result; |p_j| r_j <= nu = (1 + u) / (1 - gamma_{d+2}) (the norm's own rounding), and
+    underflow adds at most (d r_max + 1) tiny.
     """
     x, inverse_norms = problem.embeddings, problem.inverse_norms
     dim, unit, tiny = x.shape[1], _unit_roundoff(x.dtype), torch.finfo(x.dtype).tiny
     nu = (1 + unit) / (1 - _gamma(dim + 2, unit))
-    relative = 2 * input_unit + input_unit**2 + 2 * _gamma(dim, unit) * (1 + input_unit) ** 2
-    relative += unit * (1 + relative)
+    total = 0.0
+    for input_unit in input_units:
+        rounded = 2 * input_unit + input_unit**2 + _gamma(dim, unit) * (1 + input_unit) ** 2
+        total += nu * (rounded + unit * (1 + rounded))
     norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
-    underflow = (dim * inverse_norms.amax().double() + 1) * tiny
-    return norms * nu * relative + underflow
+    underflow = (dim * inverse_norms.amax().double() + 1) * tiny * len(input_units)
+    return norms * total + underflow
 
 
 def _exact_screening_error(problem: _Screening) -> torch.Tensor:
-    """(B,) bound on |GEMM score - canonical w| for the compute-dtype screening: both are
+    """(B,) bound on |GEMM score - canonical w| for the compute-dtype screening: both lie
     within ``_dot_error`` of the exact (x . p_j) r_j."""
-    canonical = _dot_error(problem, 0.0)
-    return (canonical + _dot_error(problem, _matmul_input_unit(problem.embeddings))) * (
-        1 + BOUND_SLACK
-    )
+    units = (0.0, _matmul_input_unit(problem.embeddings))
+    return _dot_error(problem, *units) * (1 + BOUND_SLACK)
 
 
 def _low_precision_error(
@@ -777,17 +791,23 @@ def kept_similarities(
 
 
 def class_logits(
-    kept_similarities: torch.Tensor, kept_classes: torch.Tensor, classes_are_distinct: bool = False
+    kept_similarities: torch.Tensor,
+    kept_classes: torch.Tensor,
+    classes_are_distinct: bool = False,
+    classes_are_grouped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class **sum** of the kept similarities ("reverse label propagation").
 
-    A segment sum over each row's k kept entries, so its cost is O(B * k log k) whatever C.
+    A segment sum over each row's k kept entries, so its cost is O(B * k log k) whatever C
+    (O(B * k) when the classes are already grouped).
 
     Args:
         kept_similarities: (B, k) similarities of the kept proxies.
         kept_classes: (B, k) class of each kept proxy.
         classes_are_distinct: no row keeps two proxies of one class (true with one proxy
             per class): every entry is its own class's sum, returned as is, unsorted.
+        classes_are_grouped: each row's entries of one class are contiguous (as
+            ``select_kept`` returns them), so the segments need no sort.
 
     Returns:
         ``(logits, classes, present)``, each (B, k): slot ``m`` of row ``i`` holds the
@@ -797,8 +817,11 @@ def class_logits(
     """
     if classes_are_distinct:
         return kept_similarities, kept_classes, torch.ones_like(kept_classes, dtype=torch.bool)
-    sorted_classes, order = kept_classes.sort(dim=1)
-    sorted_values = kept_similarities.gather(1, order)
+    if classes_are_grouped:
+        sorted_classes, sorted_values = kept_classes, kept_similarities
+    else:
+        sorted_classes, order = kept_classes.sort(dim=1)
+        sorted_values = kept_similarities.gather(1, order)
     starts_segment = torch.ones_like(sorted_classes, dtype=torch.bool)
     starts_segment[:, 1:] = sorted_classes[:, 1:] != sorted_classes[:, :-1]
     segment = starts_segment.cumsum(dim=1) - 1
@@ -836,14 +859,17 @@ def subgraph_loss(
     kept_classes: torch.Tensor,
     labels: torch.Tensor,
     classes_are_distinct: bool = False,
+    classes_are_grouped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss of each sample's sub-graph, and its (B, k) slots of present classes.
 
     Class logits are the per-class sums of the kept similarities; classes whose logit is
-    exactly 0 drop out of the masked softmax, as in the official code.
-    ``classes_are_distinct`` is ``class_logits``'s shortcut for one proxy per class.
+    exactly 0 drop out of the masked softmax, as in the official code. The flags are
+    ``class_logits``'s shortcuts.
     """
-    logits, classes, present = class_logits(kept_similarities, kept_classes, classes_are_distinct)
+    logits, classes, present = class_logits(
+        kept_similarities, kept_classes, classes_are_distinct, classes_are_grouped
+    )
     probabilities = masked_softmax(logits, present & (logits != 0))
     return classification_loss(probabilities, classes == labels.unsqueeze(1)), present
 

@@ -58,6 +58,12 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             regulariser; larger problems are processed block by block.
         selection_block_bytes: memory budget of one (batch, block) block of similarities
             during selection; more proxies are streamed block by block with a running top-k.
+        selection_precision: how the selection scores all proxies before rescoring its
+            candidates exactly: ``"fp32"`` (the compute dtype), ``"bf16"`` or ``"fp16"``
+            (certified low-precision screening), or ``"auto"`` (default: the fastest of
+            them here, measured on the first step of each shape). Every choice keeps the
+            same proxies (``functional.select_kept``); with ``collect_stats``,
+            ``selection_fallback_rows`` counts the rows whose screening fell back.
         sparse_proxy_grad: give the proxies a sparse gradient holding only the rows some
             sample kept, for ``torch.optim.SparseAdam``: optimizer work and gradient memory
             then follow the B * k touched rows, not C * N. Needs ``weight_lambda=0`` and no
@@ -86,6 +92,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         regularizer_samples: int | None = None,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
         selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
+        selection_precision: str = "auto",
         sparse_proxy_grad: bool = False,
         check_inputs: bool = True,
         **kwargs,
@@ -99,6 +106,11 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             _check_positive_int("regularizer_samples", regularizer_samples)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
         _check_positive_int("selection_block_bytes", selection_block_bytes)
+        if selection_precision not in gml.SELECTION_PRECISIONS:
+            raise ValueError(
+                f"selection_precision must be one of {gml.SELECTION_PRECISIONS}, "
+                f"got {selection_precision!r}"
+            )
         if not isinstance(r, numbers.Real) or not 0 < r <= 1:
             raise ValueError(f"r must be in (0, 1], got {r!r}")
         if not isinstance(weight_lambda, numbers.Real) or not weight_lambda >= 0:
@@ -118,6 +130,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.regularizer_samples = regularizer_samples
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
+        self.selection_precision = selection_precision
         self.sparse_proxy_grad = bool(sparse_proxy_grad)
         self.check_inputs = bool(check_inputs)
         self.top_k = gml.num_selected(self.r, self.num_classes, self.proxies_per_class, top_k)
@@ -137,7 +150,12 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             is_stat=False,
         )
         self.add_to_recordable_attributes(
-            list_of_names=["avg_classes_per_subgraph", "proxy_reg_value"], is_stat=True
+            list_of_names=[
+                "avg_classes_per_subgraph",
+                "proxy_reg_value",
+                "selection_fallback_rows",
+            ],
+            is_stat=True,
         )
         self._warn_about_costly_or_degenerate_settings()
 
@@ -184,14 +202,14 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self._validate(embeddings, labels)
         with gml.full_precision(embeddings.device):
             x, proxies = self._inputs_in_compute_dtype(embeddings)
-            indices, values = gml.select_topk(
-                x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
-            )
+            selection = self._select_kept(x, proxies, labels)
+            indices, values = selection.indices, selection.similarities
             per_sample, present = gml.subgraph_loss(
                 gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad),
                 indices // self.proxies_per_class,
                 labels,
                 classes_are_distinct=self.proxies_per_class == 1,
+                classes_are_grouped=True,  # select_kept's layout
             )
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=x.dtype)
             loss_dict = {
@@ -206,8 +224,20 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             }
             if self.collect_stats:
                 self.avg_classes_per_subgraph = present.sum(dim=1).float().mean().item()
+                self.selection_fallback_rows = selection.fallback_rows.item()
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict
+
+    def _select_kept(self, x: torch.Tensor, proxies: torch.Tensor, labels) -> gml.Selection:
+        return gml.select_kept(
+            x,
+            proxies,
+            labels,
+            self.proxies_per_class,
+            self.top_k,
+            self.selection_block_bytes,
+            self.selection_precision,
+        )
 
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
@@ -288,9 +318,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self._validate_embedding_shape(embeddings)
         with gml.full_precision(embeddings.device):
             x, proxies = self._inputs_in_compute_dtype(embeddings)
-            indices, values = gml.select_topk(
-                x, proxies, None, self.proxies_per_class, self.top_k, self.selection_block_bytes
-            )
+            selection = self._select_kept(x, proxies, None)
+            indices, values = selection.indices, selection.similarities
             kept = gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad)
             kept_classes = indices // self.proxies_per_class
             scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
