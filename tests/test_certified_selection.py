@@ -1,0 +1,393 @@
+"""Certified selection: every screening precision keeps exactly the canonical top-k.
+
+The canonical set is each row's k - N largest w_ij = fl(fl(x_i . p_j) * fl(1 / |p_j|)), ties
+to the lower proxy index, the dot product by ``torch.sparse.sampled_addmm``. The reference
+below computes w for every pair and sorts it; ``select_kept`` must return the same set for
+"fp32", "bf16", "fp16" and "auto", on random inputs and on near-ties built to sit inside
+the screening's error bound, where the bound forces rescoring and fallbacks.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tests.test_golden as golden_tests
+from pml_proxygml import ProxyGMLLoss
+from pml_proxygml import functional as gml
+from tests.golden import CASE_IDS, CASES
+from tests.test_precision_and_devices import HostSyncCounter
+
+PRECISIONS = ["fp32", "bf16", "fp16", "auto"]
+LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def canonical_similarities(x, proxies):
+    """(B, CN) w for every pair, by the sampled product over a dense pattern."""
+    batch, num_proxies = len(x), len(proxies)
+    pattern = torch.sparse_csr_tensor(
+        torch.arange(0, batch * num_proxies + 1, num_proxies),
+        torch.arange(num_proxies).repeat(batch),
+        torch.zeros(batch * num_proxies, dtype=x.dtype),
+        size=(batch, num_proxies),
+        check_invariants=True,
+    )
+    dots = torch.sparse.sampled_addmm(pattern, x, proxies.T).values().view(batch, num_proxies)
+    return dots * gml.proxy_norms(proxies).reciprocal()
+
+
+def canonical_negatives(x, proxies, labels, proxies_per_class, k):
+    """(B, k - N) canonical negatives in ascending index, and their w."""
+    w = canonical_similarities(x, proxies)
+    keys, count = w, k
+    if labels is not None:
+        positives = gml.positive_proxy_indices(labels, proxies_per_class)
+        keys, count = w.scatter(1, positives, float("-inf")), k - proxies_per_class
+    # A stable descending sort keeps equal keys in index order: ties to the lower index.
+    kept = keys.sort(dim=1, descending=True, stable=True).indices[:, :count].sort(dim=1).values
+    return kept, w.gather(1, kept)
+
+
+def assert_canonical(selection, x, proxies, labels, proxies_per_class, k, exact_values):
+    positives = 0 if labels is None else min(k, proxies_per_class)
+    indices, values = selection.indices, selection.similarities
+    if labels is not None:
+        own = gml.positive_proxy_indices(labels, proxies_per_class)
+        assert torch.equal(indices[:, :positives].sort(dim=1).values, own[:, :positives]) or (
+            k < proxies_per_class
+        )
+    if k <= positives:
+        return
+    expected, expected_values = canonical_negatives(x, proxies, labels, proxies_per_class, k)
+    assert torch.equal(indices[:, positives:], expected)
+    if exact_values and not selection.fallback_rows:  # a fallback row has GEMM values
+        assert torch.equal(values[:, positives:], expected_values)
+    else:  # the GEMM's value where the screening was certain: equal to the dtype's rounding
+        scale = x.norm(dim=1, keepdim=True) * 4 * x.shape[1] * torch.finfo(x.dtype).eps
+        assert ((values[:, positives:] - expected_values).abs() <= scale).all()
+
+
+def random_problem(seed, dtype, batch, classes, per_class, dim, normalised, labelled):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=generator, dtype=dtype)
+    x = (
+        F.normalize(x, dim=1)
+        if normalised
+        else x * 10 ** (6 * torch.rand((), generator=generator) - 3)
+    )
+    proxies = torch.randn(classes * per_class, dim, generator=generator, dtype=dtype)
+    labels = torch.randint(0, classes, (batch,), generator=generator) if labelled else None
+    return x, proxies, labels
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalised", [True, False])
+@pytest.mark.parametrize("labelled", [True, False])
+@pytest.mark.parametrize(
+    ("classes", "per_class", "dim", "k"),
+    [
+        (200, 1, 64, 10),  # k << CN
+        (60, 4, 33, 4),  # k = N: the positives only
+        (60, 4, 33, 3),  # k < N
+        (50, 3, 17, 140),  # large k: the margin reaches every proxy
+        (50, 3, 17, 147),  # every negative kept
+        (300, 2, 128, 31),
+    ],
+)
+def test_every_precision_keeps_the_canonical_set(
+    precision, dtype, normalised, labelled, classes, per_class, dim, k
+):
+    seed = hash((classes, per_class, dim, k, normalised, labelled)) % 2**31
+    x, proxies, labels = random_problem(
+        seed, dtype, 24, classes, per_class, dim, normalised, labelled
+    )
+    selection = gml.select_kept(x, proxies, labels, per_class, k, precision=precision)
+    exact_values = precision in LOW and k < classes * per_class - (per_class if labelled else 0)
+    assert_canonical(selection, x, proxies, labels, per_class, k, exact_values)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_low_precision_equals_fp32_kept_sets_values_and_both_gradients(precision, dtype):
+    generator = torch.Generator().manual_seed(11)
+    embeddings = torch.randn(40, 96, generator=generator, dtype=dtype)
+    labels = torch.randint(0, 150, (40,), generator=generator)
+    proxies = torch.randn(150 * 3, 96, generator=generator, dtype=dtype)
+    results = {}
+    for mode in ("fp32", precision):
+        loss_fn = ProxyGMLLoss(150, 96, proxies_per_class=3, r=0.1, selection_precision=mode)
+        loss_fn = loss_fn.to(dtype)
+        with torch.no_grad():
+            loss_fn.proxies.copy_(proxies)
+        x = embeddings.clone().requires_grad_()
+        loss = loss_fn(x, labels)
+        loss.backward()
+        kept = gml.select_kept(
+            F.normalize(embeddings, dim=1), proxies, labels, 3, 45, precision=mode
+        )
+        results[mode] = (kept, loss.detach(), x.grad, loss_fn.proxies.grad)
+    (kept, loss, grad_x, grad_p), (kept_low, loss_low, grad_x_low, grad_p_low) = results.values()
+    assert torch.equal(kept.indices, kept_low.indices)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(kept.similarities, kept_low.similarities, rtol=0, atol=500 * eps)
+    torch.testing.assert_close(loss, loss_low, rtol=100 * eps, atol=0)
+    torch.testing.assert_close(grad_x, grad_x_low, rtol=1000 * eps, atol=1000 * eps)
+    torch.testing.assert_close(grad_p, grad_p_low, rtol=1000 * eps, atol=1000 * eps)
+
+
+def near_ties(dtype, spacing, copies=300, dim=512, classes=400):
+    """Six identical unit embeddings x and 400 proxies (N=1): ``copies`` of them at cosine
+    0.5, 0.5 + spacing, 0.5 + 2 spacing... to x, far above the others (~N(0, 1/512)), so
+    the k-th place lies among them, their cosines closer than bf16 or fp16 can tell."""
+    generator = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(dim, generator=generator, dtype=torch.float64), dim=0)
+    proxies = torch.randn(classes, dim, generator=generator, dtype=torch.float64)
+    orthogonal = torch.randn(copies, dim, generator=generator, dtype=torch.float64)
+    orthogonal = F.normalize(orthogonal - (orthogonal @ x).unsqueeze(1) * x, dim=1)
+    cosine = 0.5 + spacing * torch.arange(copies, dtype=torch.float64).unsqueeze(1)
+    proxies[:copies] = cosine * x + (1 - cosine**2).sqrt() * orthogonal
+    return x.expand(6, dim).to(dtype), proxies.to(dtype)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spacing", [0.0, 1e-9, 1e-6, 1e-4])
+def test_near_ties_inside_the_bound(precision, dtype, spacing):
+    """300 proxies within 300 * spacing of each other hold the k-th place: low precision
+    cannot order them (nor, below ~1e-5, can fp32's bound), so rows fall back, and still
+    the canonical set comes out; spacing 0 makes exact ties, broken towards lower index."""
+    x, proxies = near_ties(dtype, spacing)
+    labels = torch.arange(6) + 350  # positives outside the tied group
+    selection = gml.select_kept(x, proxies, labels, 1, 40, precision=precision)
+    assert_canonical(selection, x, proxies, labels, 1, 40, exact_values=precision in LOW)
+    negatives = selection.indices[:, 1:]
+    assert torch.equal(negatives, negatives[:1].expand(6, 39))  # identical rows
+    if precision in LOW and spacing <= 1e-6:  # more uncertain candidates than the margin
+        assert selection.fallback_rows == 6
+
+
+def test_exact_ties_go_to_the_lower_index():
+    """8 copies of 5 proxies, k = 12: all 8 copies of the best, the 4 first of the next."""
+    proxies = torch.randn(5, 8, dtype=torch.float64).repeat(8, 1)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    order = canonical_similarities(x, proxies)[:, :5].argsort(dim=1, descending=True)
+    copies = torch.arange(0, 40, 5)
+    expected = [
+        sorted((copies + best).tolist() + (copies[:4] + second).tolist())
+        for best, second in order[:, :2].tolist()
+    ]
+    for precision in ("fp32", "bf16", "fp16"):
+        kept = gml.select_kept(x, proxies, None, 1, 12, precision=precision).indices
+        assert kept.tolist() == expected
+
+
+def test_zero_embeddings_tie_everything():
+    """x = 0: every w is 0, no screening can certify anything; the lowest indices win."""
+    x, proxies = torch.zeros(2, 16), torch.randn(300, 16)
+    labels = torch.tensor([0, 299])
+    for precision in ("fp32", "bf16", "fp16"):
+        selection = gml.select_kept(x, proxies, labels, 1, 30, precision=precision)
+        assert selection.fallback_rows == 2
+        negatives = [[j for j in range(300) if j != label][:29] for label in (0, 299)]
+        assert selection.indices[:, 1:].tolist() == negatives
+
+
+def test_the_loss_counts_fallback_rows():
+    x, proxies = near_ties(torch.float32, 1e-6, copies=300)
+    loss_fn = ProxyGMLLoss(400, 512, proxies_per_class=1, top_k=40, selection_precision="bf16")
+    loss_fn.collect_stats = True
+    with torch.no_grad():
+        loss_fn.proxies.copy_(proxies)
+    loss_fn(x, torch.arange(6) + 350)
+    assert loss_fn.selection_fallback_rows == 6
+    loss_fn(F.normalize(torch.randn(6, 512), dim=1), torch.arange(6) + 350)
+    assert loss_fn.selection_fallback_rows == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("screening", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("normalised", [True, False])
+def test_the_error_bound_holds_for_every_pair(dtype, screening, normalised):
+    """|score - w| <= E + c |score| over all pairs, wherever the GEMM and w disagree most."""
+    x, proxies, labels = random_problem(7, dtype, 32, 2000, 1, 256, normalised, True)
+    inverse_norms = gml.proxy_norms(proxies).reciprocal()
+    problem = gml._Screening(x, proxies, inverse_norms, labels[:, None], 1 << 30)
+    lp = LOW.get(screening, dtype)
+    scores, columns, error, relative, _ = gml._screened(problem, len(proxies), lp)
+    w = canonical_similarities(x, proxies).double().gather(1, columns)
+    finite = scores.isfinite()
+    gap = (scores - w).abs() - (error + relative * scores.abs())
+    assert (gap[finite] <= 0).all()
+    # and the bound is not vacuous: within 20x of the largest error seen (bf16, fp16)
+    if lp in LOW.values():
+        seen = ((scores - w).abs()[finite]).max()
+        assert error.max() < 20 * seen
+
+
+@pytest.mark.parametrize("matmul_precision", ["high", "medium"])
+def test_reduced_precision_float32_matmuls_are_accounted_for(matmul_precision):
+    """torch may run float32 GEMMs in TF32 / bf16; the fp32 screening's bound widens."""
+    x, proxies, labels = random_problem(5, torch.float32, 16, 3000, 1, 256, True, True)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        selection = gml.select_kept(x, proxies, labels, 1, 150, precision="fp32")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_canonical(selection, x, proxies, labels, 1, 150, exact_values=False)
+
+
+@pytest.mark.parametrize("low", list(LOW.values()))
+@pytest.mark.parametrize(
+    ("batch", "num_proxies", "dim"), [(3, 50, 7), (64, 3000, 512), (9, 700, 2048)]
+)
+def test_low_precision_gemms_sum_in_float32_here(low, batch, num_proxies, dim):
+    """The bound's assumption: products summed in float32, the sum rounded once to the
+    format. Values of 1 plus (d - 1) terms of u/2 lose every term if summed in low
+    precision; summed in float32 the result is the format's rounding of the exact sum."""
+    tiny_term = torch.finfo(low).eps / 4
+    x = torch.full((batch, dim), tiny_term, dtype=torch.float64)
+    x[:, 0] = 1
+    p = torch.ones(num_proxies, dim, dtype=torch.float64)
+    exact = 1 + (dim - 1) * tiny_term
+    assert torch.equal(
+        (x.to(low) @ p.to(low).T).double(), torch.full((batch, num_proxies), exact).to(low).double()
+    )
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(batch, dim, generator=generator).to(low)
+    b = torch.randn(num_proxies, dim, generator=generator).to(low)
+    exact = a.double() @ b.double().T
+    unit = torch.finfo(low).eps / 2
+    summed = gml._gamma(dim, 2.0**-24) * (a.double().abs() @ b.double().abs().T)
+    error = ((a @ b.T).double() - exact).abs()
+    assert (error <= unit / (1 - unit) * exact.abs() + summed * (1 + unit)).all()
+
+
+def test_sampled_products_are_canonical():
+    """A pair's w has the same bits in either orientation and whatever else is asked."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 100, generator=generator)
+    proxies = torch.randn(5000, 100, generator=generator)
+    problem = gml._Screening(
+        x, proxies, gml.proxy_norms(proxies).reciprocal(), x.new_empty(50, 0), 0
+    )
+    rows = torch.randint(0, 50, (8000,), generator=generator).sort().values
+    columns = torch.randint(0, 5000, (8000,), generator=generator)
+    proxy_major = gml._canonical_similarities(problem, rows, columns)  # pairs > proxies
+    sample_major = torch.cat(
+        [
+            gml._canonical_similarities(problem, rows[i : i + 10], columns[i : i + 10])
+            for i in range(0, 8000, 10)
+        ]
+    )
+    assert torch.equal(proxy_major, sample_major)
+    assert torch.equal(proxy_major, canonical_similarities(x, proxies)[rows, columns])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_golden_cases_in_every_precision(monkeypatch, case, precision):
+    """tests/test_golden.py's checks, with the loss and the selection in this precision."""
+    monkeypatch.setattr(
+        golden_tests,
+        "loss_for_case",
+        functools.partial(golden_tests.loss_for_case, selection_precision=precision),
+    )
+    monkeypatch.setattr(gml, "select_topk", functools.partial(gml.select_topk, precision=precision))
+    for dtype in (torch.float64, torch.float32):
+        golden_tests.test_loss_and_gradients_from_raw_embeddings(case, dtype)
+        golden_tests.test_selection_logits_and_probabilities(case, dtype)
+    golden_tests.test_official_input_convention(case)
+    golden_tests.test_sub_losses(case)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_host_syncs_per_step_do_not_grow_with_the_classes(monkeypatch, precision):
+    monkeypatch.setattr(gml, "AUTO_MIN_MULTIPLY_ADDS", 0)  # "auto" measures, then screens
+    counts = []
+    for classes in (300, 3000):
+        loss_fn = ProxyGMLLoss(
+            classes,
+            64,
+            proxies_per_class=2,
+            top_k=40,
+            check_inputs=False,
+            selection_precision=precision,
+        )
+        embeddings = torch.randn(16, 64, requires_grad=True)
+        labels = torch.randint(0, classes, (16,))
+        loss_fn(embeddings, labels)  # "auto" measures on the first call
+        with HostSyncCounter() as counter:
+            loss_fn(embeddings, labels).backward()
+        counts.append(len(counter.syncs))
+    assert counts[0] == counts[1] == 1  # the counts of rescored pairs and uncertified rows
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_step_runs_on_the_meta_device(precision):
+    with torch.device("meta"):
+        loss_fn = ProxyGMLLoss(
+            100, 64, proxies_per_class=12, check_inputs=False, selection_precision=precision
+        )
+        embeddings = torch.randn(32, 64, requires_grad=True)
+        loss = loss_fn(embeddings, torch.randint(0, 100, (32,)))
+        loss.backward()
+        logits = loss_fn.get_logits(embeddings)
+    assert loss.device.type == "meta" and logits.shape == (32, 100)
+    assert embeddings.grad.shape == (32, 64) and loss_fn.proxies.grad.shape == (1200, 64)
+
+
+def test_auto_measures_once_per_shape_and_keeps_the_same_set(monkeypatch):
+    monkeypatch.setattr(gml, "AUTO_MIN_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(gml, "_FASTEST_SCREENING", {})
+    timed = []
+    original = gml._selection_seconds
+    monkeypatch.setattr(
+        gml, "_selection_seconds", lambda *args: timed.append(args[2]) or original(*args)
+    )
+    x, proxies, labels = random_problem(9, torch.float32, 20, 500, 2, 48, True, True)
+    auto = gml.select_kept(x, proxies, labels, 2, 30, precision="auto")
+    gml.select_kept(x, proxies, labels, 2, 30, precision="auto")
+    assert timed == [torch.float32, torch.bfloat16, torch.float16]  # once, every candidate
+    (choice,) = gml._FASTEST_SCREENING.values()
+    assert choice in timed
+    assert torch.equal(
+        auto.indices, gml.select_kept(x, proxies, labels, 2, 30, precision="fp32").indices
+    )
+
+
+def test_small_problems_screen_in_the_compute_dtype_unmeasured(monkeypatch):
+    monkeypatch.setattr(gml, "_FASTEST_SCREENING", {})
+    x, proxies, labels = random_problem(9, torch.float32, 20, 500, 2, 48, True, True)
+    gml.select_kept(x, proxies, labels, 2, 30, precision="auto")
+    assert gml._FASTEST_SCREENING == {}
+    assert gml.AUTO_MIN_MULTIPLY_ADDS > 20 * 1000 * 48
+
+
+def test_bad_precisions_are_rejected():
+    x, proxies = torch.randn(2, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        gml.select_kept(x, proxies, None, 1, 2, precision="int8")
+    with pytest.raises(ValueError, match="selection_precision must be one of"):
+        ProxyGMLLoss(3, 4, proxies_per_class=2, selection_precision="fp64")
+
+
+def test_grouped_class_logits_equal_the_sorted_ones():
+    """select_kept's layout (positives, then negatives by index) groups each class."""
+    x, proxies, labels = random_problem(4, torch.float64, 10, 40, 5, 12, True, True)
+    selection = gml.select_kept(x, proxies, labels, 5, 60)
+    classes = selection.indices // 5
+    dense = []
+    for grouped in (False, True):
+        logits, slot_classes, present = gml.class_logits(
+            selection.similarities, classes, False, grouped
+        )
+        slot_classes = torch.where(present, slot_classes, 40)
+        dense.append(
+            torch.zeros(10, 41, dtype=torch.float64).scatter(1, slot_classes, logits)[:, :40]
+        )
+    torch.testing.assert_close(dense[0], dense[1], rtol=0, atol=1e-15)
+    assert math.isclose(dense[0].sum().item(), selection.similarities.sum().item(), rel_tol=1e-12)
