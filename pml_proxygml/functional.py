@@ -62,8 +62,10 @@ AUTO_MIN_MULTIPLY_ADDS = 1 << 27
 FLOAT32_MATMUL_INPUT_UNIT = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
 FLOAT32_UNIT = 2.0**-24
 
-# Relative slack on every error bound: the float64 evaluation of the bound and of norms.
+# Relative slack on every error bound (the float64 evaluation of norms and bounds), and on
+# the thresholds derived from them (float64 rounding, relative to their magnitude).
 BOUND_SLACK = 2.0**-20
+THRESHOLD_SLACK = 2.0**-48
 
 # Elements per numpy argpartition call of the CPU top-k: rows go in chunks this large (its
 # (rows, n) int64 result stays small) spread over torch's intra-op thread count.
@@ -459,21 +461,25 @@ def _select_certified(
     whose bounds overlap the boundary are rescored; a compute-dtype screening keeps the
     GEMM's value for entries certainly in, a low-precision one rescores every candidate.
     Uncertified rows are redone in the compute dtype, with an 8x wider margin if that was
-    the screening already (at CN columns every row is certified).
+    the screening already (at CN columns every row is certified). The bounds become two
+    thresholds per row, rounded outwards to the scores' dtype: the (B, width) work is
+    comparisons.
     """
     x, num_columns = problem.embeddings, len(problem.proxies)
     width = min(num_columns, count + margin + 1)
-    scores, columns, error, relative, gemm_values = _screened(problem, width, screening)
-    kth, after_kth = _largest_two(scores, count)
-    kth_lower = kth - error - relative * kth.abs()
-    upper = scores + error + relative * scores.abs()
-    rescore = upper >= kth_lower
-    if gemm_values is not None:  # entries above the (count + 1)-th's upper bound are in
-        certainly_in = scores - error > after_kth + error
-        rescore &= ~certainly_in
+    screened = _screened(problem, width, screening)
+    scores, columns, bound = screened.scores, screened.columns, screened.bound
+    kth, after_kth = (t.double() for t in _largest_two(scores, count))
+    kth_lower = bound.lower(kth)
+    rescore = scores >= _to_dtype(bound.least_reaching(kth_lower), scores.dtype, up=False)
     certified = torch.ones_like(kth, dtype=torch.bool).squeeze(1)
     if width < num_columns:
-        certified = upper.amin(dim=1) < kth_lower.squeeze(1)
+        lowest = scores.amin(dim=1, keepdim=True).double()
+        certified = (bound.upper(lowest) < kth_lower).squeeze(1)
+    if screened.exact:  # entries beating the (count + 1)-th's upper bound are in
+        beats = _to_dtype(bound.least_beating(bound.upper(after_kth)), scores.dtype, up=True)
+        certainly_in = scores > beats
+        rescore &= ~certainly_in
     uncertified = ~certified
     num_pairs, redo = _read_counts(
         torch.stack([rescore.sum(), uncertified.sum()]), len(x) + 1, (rescore.numel(), 0)
@@ -482,41 +488,90 @@ def _select_certified(
     keys = torch.full_like(scores, float("-inf"), dtype=x.dtype)
     keys[rows, positions] = _canonical_similarities(problem, rows, columns[rows, positions])
     values = keys
-    if gemm_values is not None:
-        values = torch.where(certainly_in, gemm_values, keys)
+    if screened.exact:
+        values = torch.where(certainly_in, scores, keys)
         keys.masked_fill_(certainly_in, float("inf"))
     kept_columns, kept_values = _in_column_order(_top_by_key(keys, count), count, columns, values)
     if redo:
         rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
-        wider = 8 * margin if screening == x.dtype else _exact_margin(count)
+        wider = 8 * margin if screened.exact else _exact_margin(count)
         redone, redone_values, _ = _select_certified(problem.rows(rows), count, x.dtype, wider)
         kept_columns[rows], kept_values[rows] = redone, redone_values
     return kept_columns, kept_values, uncertified.sum()
 
 
-def _screened(
-    problem: _Screening, width: int, screening: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-    """Each row's ``width`` best screening scores s (float64, columns ascending), their
-    columns, the bound (E (B, 1), c) of ``|s - w| <= E + c |s|``, and the GEMM's values in
-    the compute dtype when it screened in that dtype (else None)."""
+class _Bound(NamedTuple):
+    """|s - w| <= error + relative |s|, per row, in the units of the scores s.
+
+    Evaluated in float64 on (B, 1) tensors, each result pushed outwards by
+    ``THRESHOLD_SLACK`` of its magnitude: float64's own rounding never makes it tighter.
+    """
+
+    error: torch.Tensor  # (B, 1) float64
+    relative: float
+
+    def _outwards(self, value: torch.Tensor, sign: int) -> torch.Tensor:
+        return value + sign * (value.abs() + self.error) * THRESHOLD_SLACK
+
+    def lower(self, score: torch.Tensor) -> torch.Tensor:
+        return self._outwards(score - self.error - self.relative * score.abs(), -1)
+
+    def upper(self, score: torch.Tensor) -> torch.Tensor:
+        return self._outwards(score + self.error + self.relative * score.abs(), 1)
+
+    def least_reaching(self, level: torch.Tensor) -> torch.Tensor:
+        """Scores below this have ``upper`` < level (``upper`` is increasing)."""
+        shifted = level - self.error
+        denominator = torch.where(shifted >= 0, 1 + self.relative, 1 - self.relative)
+        return self._outwards(shifted / denominator, -1)
+
+    def least_beating(self, level: torch.Tensor) -> torch.Tensor:
+        """Scores above this have ``lower`` > level."""
+        shifted = level + self.error
+        denominator = torch.where(shifted >= 0, 1 - self.relative, 1 + self.relative)
+        return self._outwards(shifted / denominator, 1)
+
+
+def _to_dtype(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """float64 ``values`` rounded to ``dtype`` towards +inf (``up``) or -inf."""
+    rounded = values.to(dtype)
+    direction = float("inf") if up else float("-inf")
+    outside = rounded.double() < values if up else rounded.double() > values
+    return torch.where(
+        outside, torch.nextafter(rounded, torch.full_like(rounded, direction)), rounded
+    )
+
+
+class _Screened(NamedTuple):
+    scores: torch.Tensor  # (B, width), columns ascending; the GEMM's values when exact
+    columns: torch.Tensor
+    exponents: torch.Tensor  # (B, 1): scores are 2^exponents times similarities
+    bound: _Bound  # of |scores - 2^exponents w|
+    exact: bool  # screened in the compute dtype
+
+
+def _screened(problem: _Screening, width: int, screening: torch.dtype) -> _Screened:
+    """Each row's ``width`` best screening scores, with their columns and error bound."""
     x = problem.embeddings
     if screening == x.dtype:
-        values, columns = _screen(problem, width, x, problem.inverse_norms)
-        return values.double(), columns, _exact_screening_error(problem).unsqueeze(1), 0.0, values
+        scores, columns = _screen(problem, width, x, problem.inverse_norms)
+        bound = _Bound(_exact_screening_error(problem), 0.0)
+        return _Screened(
+            scores, columns, torch.zeros_like(bound.error, dtype=torch.int), bound, True
+        )
     # Rows scaled by powers of two to norm [2^(a-1), 2^a) and proxies normalised times 2^a:
-    # exact, and for fp16 (a = FP16_INPUT_EXPONENT) safe from its narrow range.
+    # exact, and for fp16 (a = FP16_INPUT_EXPONENT) safe from its narrow range. The scores
+    # stay in these units: row i's are 2^(shift_i + a) times the similarities.
     exponent = FP16_INPUT_EXPONENT if screening == torch.float16 else 0
-    _, norm_exponents = torch.frexp(torch.linalg.vector_norm(x, dim=1))
+    _, norm_exponents = torch.frexp(torch.linalg.vector_norm(x, dim=1, keepdim=True))
     shifts = exponent - norm_exponents
-    scaled = torch.ldexp(x, shifts.unsqueeze(1))
+    scaled = torch.ldexp(x, shifts)
     rounded = scaled.to(screening)
     proxy_scales = problem.inverse_norms * 2.0**exponent
-    scaled_scores, columns = _screen(problem, width, rounded, proxy_scales)
-    score_exponents = shifts + exponent
-    scores = torch.ldexp(scaled_scores.double(), -score_exponents.unsqueeze(1))
-    error, relative = _low_precision_error(problem, scaled, rounded, exponent, score_exponents)
-    return scores, columns, error, relative, None
+    scores, columns = _screen(problem, width, rounded, proxy_scales)
+    exponents = shifts + exponent
+    bound = _low_precision_error(problem, scaled, rounded, exponent, exponents)
+    return _Screened(scores, columns, exponents, bound, False)
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -539,7 +594,7 @@ def _matmul_input_unit(x: torch.Tensor) -> float:
 
 
 def _dot_error(problem: _Screening, *input_units: float) -> torch.Tensor:
-    """(B,) float64 bound, summed over GEMMs that round their inputs by ``input_units``, on
+    """(B, 1) float64 bound, summed over GEMMs that round their inputs by ``input_units``, on
     |fl(fl(x . p_j) * r_j) - (x . p_j) r_j| over j, whatever the GEMM.
 
     A GEMM may round its inputs with relative error u_in (0 unless TF32 or a bf16 float32
@@ -557,13 +612,14 @@ def _dot_error(problem: _Screening, *input_units: float) -> torch.Tensor:
     for input_unit in input_units:
         rounded = 2 * input_unit + input_unit**2 + _gamma(dim, unit) * (1 + input_unit) ** 2
         total += nu * (rounded + unit * (1 + rounded))
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
+    norms *= 1 + BOUND_SLACK
     underflow = (dim * inverse_norms.amax().double() + 1) * tiny * len(input_units)
     return norms * total + underflow
 
 
 def _exact_screening_error(problem: _Screening) -> torch.Tensor:
-    """(B,) bound on |GEMM score - canonical w| for the compute-dtype screening: both lie
+    """(B, 1) bound on |GEMM score - canonical w| for the compute-dtype screening: both lie
     within ``_dot_error`` of the exact (x . p_j) r_j."""
     units = (0.0, _matmul_input_unit(problem.embeddings))
     return _dot_error(problem, *units) * (1 + BOUND_SLACK)
@@ -575,8 +631,9 @@ def _low_precision_error(
     rounded: torch.Tensor,
     proxy_exponent: int,
     score_exponents: torch.Tensor,
-) -> tuple[torch.Tensor, float]:
-    """(E, c): |s_j - w_j| <= E_i + c |s_j| for the low-precision scores s of ``_screen``.
+) -> _Bound:
+    """|s_j - w_j| <= E_i + c |s_j| for the low-precision scores s of ``_screen``, in their
+    scaled units (below).
 
     In row i's scaled units, x' = x 2^e (``scaled``; exact), p'_j = p_j r_j 2^a (a =
     ``proxy_exponent``) and t_j = x' . p'_j = 2^(e + a) (x . p_j) r_j, e + a being
@@ -592,8 +649,8 @@ def _low_precision_error(
         |sum - x~ . p~_j| <= gamma_d(float32) (|x'| + R) (P (1 + u_p) + f), doubled as a margin
         |q - sum|         <= c |q| + (1 + c) tiny_lp,   c = u_lp / (1 - u_lp)
 
-    s = q 2^-(e + a) exactly, so E_i is the sum of these over 2^(e + a), plus the canonical
-    value's own ``_dot_error``.
+    E_i is the sum of these, plus the canonical value's own ``_dot_error`` times 2^(e + a)
+    (``score_exponents``): comparisons stay in the scaled units, where s = q exactly.
     """
     x = problem.embeddings
     dim, unit = x.shape[1], _unit_roundoff(x.dtype)
@@ -602,17 +659,18 @@ def _low_precision_error(
     proxy_norm = 2.0**proxy_exponent * (1 + unit) / (1 - _gamma(dim + 2, unit))
     proxy_unit = low_unit * (1 + unit) + unit
     rounded_proxy_norm = proxy_norm * (1 + proxy_unit) + floor
-    x_norm = torch.linalg.vector_norm(scaled, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
+    x_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True, dtype=torch.float64)
+    x_norm *= 1 + BOUND_SLACK
     residual = scaled - rounded.to(x.dtype)
-    residual = torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64) * (1 + BOUND_SLACK)
-    residual += floor
+    residual = torch.linalg.vector_norm(residual, dim=1, keepdim=True, dtype=torch.float64)
+    residual = residual * (1 + BOUND_SLACK) + floor
     inputs = residual * rounded_proxy_norm + x_norm * (proxy_unit * proxy_norm + floor)
     float32_sum = _gamma(dim, FLOAT32_UNIT) * (x_norm + residual) * rounded_proxy_norm
     accumulation = 2 * (float32_sum + dim * torch.finfo(torch.float32).tiny)
     relative = low_unit / (1 - low_unit)
     scaled_error = inputs + accumulation + (1 + relative) * low_tiny
-    error = torch.ldexp(scaled_error, -score_exponents) + _dot_error(problem, 0.0)
-    return (error * (1 + BOUND_SLACK)).unsqueeze(1), relative * (1 + BOUND_SLACK)
+    error = scaled_error + torch.ldexp(_dot_error(problem, 0.0), score_exponents)
+    return _Bound(error * (1 + BOUND_SLACK), relative * (1 + BOUND_SLACK))
 
 
 def _screening_dtype(precision: str, problem: _Screening, count: int) -> torch.dtype:
