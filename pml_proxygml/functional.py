@@ -470,15 +470,13 @@ def _select_certified(
     screened = _screened(problem, width, screening)
     scores, columns, bound = screened.scores, screened.columns, screened.bound
     kth, after_kth = (t.double() for t in _largest_two(scores, count))
-    kth_lower = bound.lower(kth)
-    rescore = scores >= _to_dtype(bound.least_reaching(kth_lower), scores.dtype, up=False)
-    certified = torch.ones_like(kth, dtype=torch.bool).squeeze(1)
-    if width < num_columns:
-        lowest = scores.amin(dim=1, keepdim=True).double()
-        certified = (bound.upper(lowest) < kth_lower).squeeze(1)
-    if screened.exact:  # entries beating the (count + 1)-th's upper bound are in
-        beats = _to_dtype(bound.least_beating(bound.upper(after_kth)), scores.dtype, up=True)
-        certainly_in = scores > beats
+    reaching = bound.least_reaching(kth)  # may still beat the count-th
+    rescore = scores >= reaching
+    certified = torch.ones_like(reaching, dtype=torch.bool).squeeze(1)
+    if width < num_columns:  # the lowest kept score bounds every dropped one
+        certified = (scores.amin(dim=1, keepdim=True) < reaching).squeeze(1)
+    if screened.exact:  # entries beating the (count + 1)-th are in
+        certainly_in = scores > bound.least_beating(after_kth)
         rescore &= ~certainly_in
     uncertified = ~certified
     num_pairs, redo = _read_counts(
@@ -503,43 +501,31 @@ def _select_certified(
 class _Bound(NamedTuple):
     """|s - w| <= error + relative |s|, per row, in the units of the scores s.
 
-    Evaluated in float64 on (B, 1) tensors, each result pushed outwards by
-    ``THRESHOLD_SLACK`` of its magnitude: float64's own rounding never makes it tighter.
+    Thresholds on s derived from it are evaluated in float64 on (B, 1) tensors, then
+    pushed outwards by ``THRESHOLD_SLACK`` of their magnitude, which covers float64's own
+    rounding in those few operations; the (B, width) scores are compared with them exactly
+    (float32 scores promote to float64 in the comparison).
     """
 
     error: torch.Tensor  # (B, 1) float64
     relative: float
 
-    def _outwards(self, value: torch.Tensor, sign: int) -> torch.Tensor:
-        return value + sign * (value.abs() + self.error) * THRESHOLD_SLACK
+    def _outwards(self, threshold: torch.Tensor, sign: int) -> torch.Tensor:
+        return threshold + sign * (threshold.abs() + self.error) * THRESHOLD_SLACK
 
-    def lower(self, score: torch.Tensor) -> torch.Tensor:
-        return self._outwards(score - self.error - self.relative * score.abs(), -1)
+    def least_reaching(self, score: torch.Tensor) -> torch.Tensor:
+        """Scores s' below this have upper(s') = s' + E + c|s'| < lower(score)."""
+        level = score - self.relative * score.abs() - 2 * self.error
+        if self.relative:  # invert s' + c |s'| (increasing)
+            level = level / torch.where(level >= 0, 1 + self.relative, 1 - self.relative)
+        return self._outwards(level, -1)
 
-    def upper(self, score: torch.Tensor) -> torch.Tensor:
-        return self._outwards(score + self.error + self.relative * score.abs(), 1)
-
-    def least_reaching(self, level: torch.Tensor) -> torch.Tensor:
-        """Scores below this have ``upper`` < level (``upper`` is increasing)."""
-        shifted = level - self.error
-        denominator = torch.where(shifted >= 0, 1 + self.relative, 1 - self.relative)
-        return self._outwards(shifted / denominator, -1)
-
-    def least_beating(self, level: torch.Tensor) -> torch.Tensor:
-        """Scores above this have ``lower`` > level."""
-        shifted = level + self.error
-        denominator = torch.where(shifted >= 0, 1 - self.relative, 1 + self.relative)
-        return self._outwards(shifted / denominator, 1)
-
-
-def _to_dtype(values: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
-    """float64 ``values`` rounded to ``dtype`` towards +inf (``up``) or -inf."""
-    rounded = values.to(dtype)
-    direction = float("inf") if up else float("-inf")
-    outside = rounded.double() < values if up else rounded.double() > values
-    return torch.where(
-        outside, torch.nextafter(rounded, torch.full_like(rounded, direction)), rounded
-    )
+    def least_beating(self, score: torch.Tensor) -> torch.Tensor:
+        """Scores s' above this have lower(s') = s' - E - c|s'| > upper(score)."""
+        level = score + self.relative * score.abs() + 2 * self.error
+        if self.relative:  # invert s' - c |s'| (increasing)
+            level = level / torch.where(level >= 0, 1 - self.relative, 1 + self.relative)
+        return self._outwards(level, 1)
 
 
 class _Screened(NamedTuple):

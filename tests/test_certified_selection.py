@@ -245,6 +245,29 @@ def test_the_error_bound_holds_for_every_pair(dtype, screening, normalised):
         assert bound.error.max() < 20 * seen
 
 
+@pytest.mark.parametrize("relative", [0.0, 2.0**-8, 2.0**-11])
+def test_thresholds_invert_the_bound(relative):
+    """least_reaching(v) is where s + E + c|s| meets v - E - c|v|, least_beating(v) where
+    s - E - c|s| meets v + E + c|v|: sound just outside, tight to float64 rounding."""
+    generator = torch.Generator().manual_seed(8)
+    scores = torch.randn(1000, 1, generator=generator, dtype=torch.float64)
+    error = torch.rand(1000, 1, generator=generator, dtype=torch.float64) * 1e-3
+    bound = gml._Bound(error, relative)
+
+    def upper(s):
+        return s + error + relative * s.abs()
+
+    def lower(s):
+        return s - error - relative * s.abs()
+
+    reaching, beating = bound.least_reaching(scores), bound.least_beating(scores)
+    below = torch.where(reaching > 0, reaching * (1 - 1e-9), reaching * (1 + 1e-9)) - 1e-12
+    above = torch.where(beating > 0, beating * (1 + 1e-9), beating * (1 - 1e-9)) + 1e-12
+    assert (upper(below) < lower(scores)).all() and (lower(above) > upper(scores)).all()
+    torch.testing.assert_close(upper(reaching), lower(scores), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lower(beating), upper(scores), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("matmul_precision", ["high", "medium"])
 def test_reduced_precision_float32_matmuls_are_accounted_for(matmul_precision):
     """torch may run float32 GEMMs in TF32 / bf16; the fp32 screening's bound widens."""
