@@ -181,6 +181,7 @@ class Selection(NamedTuple):
     indices: torch.Tensor
     similarities: torch.Tensor
     fallback_rows: torch.Tensor
+    screening: torch.dtype
 
 
 @torch.no_grad()
@@ -258,10 +259,11 @@ def select_kept(
         precision: one of ``SELECTION_PRECISIONS``: how all proxies are screened.
 
     Returns:
-        ``Selection(indices, similarities, fallback_rows)``: (B, k) kept proxies, each
-        row's positives first, then its negatives in ascending proxy index (so a class's
-        entries are contiguous); their (B, k) similarities; the number of rows the
-        requested screening could not certify (a 0-dim tensor).
+        ``Selection(indices, similarities, fallback_rows, screening)``: (B, k) kept
+        proxies, each row's positives first, then its negatives in ascending proxy index
+        (so a class's entries are contiguous); their (B, k) similarities; the number of
+        rows the requested screening could not certify (a 0-dim tensor); the dtype it
+        screened in (what ``"auto"`` chose).
     """
     if precision not in SELECTION_PRECISIONS:
         raise ValueError(f"precision must be one of {SELECTION_PRECISIONS}, got {precision!r}")
@@ -274,9 +276,10 @@ def select_kept(
     positive_values = torch.einsum("bd,bnd->bn", embeddings, proxies[positives])
     positive_values *= inverse_norms[positives]
     fallback_rows = torch.zeros((), dtype=torch.long, device=embeddings.device)
+    screening = embeddings.dtype
     if k <= positives.shape[1]:
         values, best = positive_values.topk(k, dim=1, sorted=False)
-        return Selection(positives.gather(1, best), values, fallback_rows)
+        return Selection(positives.gather(1, best), values, fallback_rows, screening)
 
     problem = _Screening(embeddings, proxies, inverse_norms, positives, block_bytes)
     count = k - positives.shape[1]
@@ -289,6 +292,7 @@ def select_kept(
         torch.cat([positives, indices], dim=1),
         torch.cat([positive_values, values], dim=1),
         fallback_rows,
+        screening,
     )
 
 
