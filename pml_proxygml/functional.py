@@ -515,19 +515,21 @@ class _Bound(NamedTuple):
     relative: float
 
     def _outwards(self, threshold: torch.Tensor, sign: int) -> torch.Tensor:
-        return threshold + sign * (threshold.abs() + self.error) * THRESHOLD_SLACK
+        return threshold.add(threshold.abs() + self.error, alpha=sign * THRESHOLD_SLACK)
 
     def least_reaching(self, score: torch.Tensor) -> torch.Tensor:
         """Scores s' below this have upper(s') = s' + E + c|s'| < lower(score)."""
-        level = score - self.relative * score.abs() - 2 * self.error
-        if self.relative:  # invert s' + c |s'| (increasing)
+        level = score.sub(self.error, alpha=2)
+        if self.relative:  # minus c|score|, then invert s' + c |s'| (increasing)
+            level = level.sub(score.abs(), alpha=self.relative)
             level = level / torch.where(level >= 0, 1 + self.relative, 1 - self.relative)
         return self._outwards(level, -1)
 
     def least_beating(self, score: torch.Tensor) -> torch.Tensor:
         """Scores s' above this have lower(s') = s' - E - c|s'| > upper(score)."""
-        level = score + self.relative * score.abs() + 2 * self.error
-        if self.relative:  # invert s' - c |s'| (increasing)
+        level = score.add(self.error, alpha=2)
+        if self.relative:  # plus c|score|, then invert s' - c |s'| (increasing)
+            level = level.add(score.abs(), alpha=self.relative)
             level = level / torch.where(level >= 0, 1 - self.relative, 1 + self.relative)
         return self._outwards(level, 1)
 
@@ -593,26 +595,24 @@ def _dot_error(problem: _Screening, *input_units: float) -> torch.Tensor:
     Thm 3.1 and Lemma 3.3: any order); with Cauchy-Schwarz the total is at most
     (2 u_in + u_in^2 + gamma_d (1 + u_in)^2) |x| |p_j|. Scaling by r_j adds u times the
     result; |p_j| r_j <= nu = (1 + u) / (1 - gamma_{d+2}) (the norm's own rounding), and
-    underflow adds at most (d r_max + 1) tiny.
+    underflow adds at most (d r_max + 1) tiny, r_max <= 1 / NORM_EPS.
     """
-    x, inverse_norms = problem.embeddings, problem.inverse_norms
+    x = problem.embeddings
     dim, unit, tiny = x.shape[1], _unit_roundoff(x.dtype), torch.finfo(x.dtype).tiny
     nu = (1 + unit) / (1 - _gamma(dim + 2, unit))
     total = 0.0
     for input_unit in input_units:
         rounded = 2 * input_unit + input_unit**2 + _gamma(dim, unit) * (1 + input_unit) ** 2
         total += nu * (rounded + unit * (1 + rounded))
+    underflow = (dim * (1 + unit) / NORM_EPS + 1) * tiny * len(input_units)
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
-    norms *= 1 + BOUND_SLACK
-    underflow = (dim * inverse_norms.amax().double() + 1) * tiny * len(input_units)
-    return norms * total + underflow
+    return norms * (total * (1 + BOUND_SLACK)) + underflow
 
 
 def _exact_screening_error(problem: _Screening) -> torch.Tensor:
     """(B, 1) bound on |GEMM score - canonical w| for the compute-dtype screening: both lie
     within ``_dot_error`` of the exact (x . p_j) r_j."""
-    units = (0.0, _matmul_input_unit(problem.embeddings))
-    return _dot_error(problem, *units) * (1 + BOUND_SLACK)
+    return _dot_error(problem, 0.0, _matmul_input_unit(problem.embeddings))
 
 
 def _low_precision_error(
