@@ -46,7 +46,7 @@ LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_PRECISION_DEVICES = ("cpu", "cuda", "meta")
 
 # Fewest entries beyond the k-th a screening keeps as candidates (compute dtype: max(this,
-# k / 16); low precision: max(this, k)); a row needing more is redone (see select_kept).
+# k / 16); low precision: max(this, 2 k)); a row needing more is redone (see select_kept).
 EXACT_MIN_MARGIN = 16
 LOW_PRECISION_MIN_MARGIN = 64
 
@@ -238,7 +238,7 @@ def select_kept(
     * ``"bf16"``, ``"fp16"``: scores in that format, fast where the hardware has
       low-precision GEMMs: E ~ (|x| + |x - lp(x)|) u_lp. Every proxy that may be kept is
       rescored (all values are w), by a sampled product that reads each pair's rows in
-      place, never gathering them; m = max(``LOW_PRECISION_MIN_MARGIN``, k - N).
+      place, never gathering them; m = max(``LOW_PRECISION_MIN_MARGIN``, 2 (k - N)).
     * ``"auto"``: the fastest of these for the device and shape (``_fastest_screening``).
 
     A row that cannot be certified falls back to the ``"fp32"`` screening, or, from there,
@@ -314,7 +314,7 @@ def _select_negatives(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if screening == problem.embeddings.dtype:
         return _select_certified(problem, count, screening, _exact_margin(count))
-    return _select_certified(problem, count, screening, max(LOW_PRECISION_MIN_MARGIN, count))
+    return _select_certified(problem, count, screening, max(LOW_PRECISION_MIN_MARGIN, 2 * count))
 
 
 def _all_negatives(problem: _Screening) -> tuple[torch.Tensor, torch.Tensor]:
