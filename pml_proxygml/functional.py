@@ -57,9 +57,10 @@ FP16_INPUT_EXPONENT = 7
 # Below this many multiply-adds (B * CN * d) "auto" screens in the compute dtype unmeasured.
 AUTO_MIN_MULTIPLY_ADDS = 1 << 27
 
-# Relative rounding of float32 GEMM inputs per ``torch.get_float32_matmul_precision()``:
-# exact, TF32 (or two bf16 terms), bf16.
-FLOAT32_MATMUL_INPUT_UNIT = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
+# Relative rounding of float32 GEMM inputs per matmul precision setting (see
+# ``_matmul_input_unit``), and the legacy setting's names for them.
+FLOAT32_MATMUL_INPUT_UNIT = {"ieee": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
+LEGACY_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 FLOAT32_UNIT = 2.0**-24
 
 # Relative slack on every error bound (the float64 evaluation of norms and bounds), and on
@@ -236,7 +237,7 @@ def select_kept(
       boundary are rescored; m = max(``EXACT_MIN_MARGIN``, k / 16). Kept values are the
       GEMM's, or w where rescored: equal to the dtype's rounding.
     * ``"bf16"``, ``"fp16"``: scores in that format, fast where the hardware has
-      low-precision GEMMs: E ~ (|x| + |x - lp(x)|) u_lp. Every proxy that may be kept is
+      low-precision GEMMs: E ~ u_lp |x| + |x - lp(x)|. Every proxy that may be kept is
       rescored (all values are w), by a sampled product that reads each pair's rows in
       place, never gathering them; m = max(``LOW_PRECISION_MIN_MARGIN``, 2 (k - N)).
     * ``"auto"``: the fastest of these for the device and shape (``_fastest_screening``).
@@ -576,12 +577,28 @@ def _gamma(terms: int, unit: float) -> float:
 
 
 def _matmul_input_unit(x: torch.Tensor) -> float:
-    """Relative rounding a float32 GEMM may apply to its inputs (TF32, bf16 modes)."""
+    """Relative rounding a float32 GEMM on x's device may apply to its inputs: 0 in IEEE
+    float32, 2^-11 in TF32 (or two bf16 terms), 2^-8 in bf16; unknown settings count as bf16.
+
+    Read from the backend's ``fp32_precision`` (torch >= 2.9), else the global one, else
+    ``torch.get_float32_matmul_precision()`` (which raises once the APIs are mixed).
+    """
     if x.dtype != torch.float32:
         return 0.0
-    unit = FLOAT32_MATMUL_INPUT_UNIT[torch.get_float32_matmul_precision()]
+    backend = (
+        torch.backends.cuda.matmul if x.device.type == "cuda" else torch.backends.mkldnn.matmul
+    )
+    precision = getattr(backend, "fp32_precision", "none")
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision == "none":
+        try:
+            precision = LEGACY_MATMUL_PRECISION[torch.get_float32_matmul_precision()]
+        except RuntimeError:
+            precision = "bf16"
+    unit = FLOAT32_MATMUL_INPUT_UNIT.get(precision, FLOAT32_MATMUL_INPUT_UNIT["bf16"])
     if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        unit = max(unit, FLOAT32_MATMUL_INPUT_UNIT["high"])
+        unit = max(unit, FLOAT32_MATMUL_INPUT_UNIT["tf32"])
     return unit
 
 

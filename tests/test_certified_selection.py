@@ -268,17 +268,27 @@ def test_thresholds_invert_the_bound(relative):
     torch.testing.assert_close(lower(beating), upper(scores), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("matmul_precision", ["high", "medium"])
-def test_reduced_precision_float32_matmuls_are_accounted_for(matmul_precision):
-    """torch may run float32 GEMMs in TF32 / bf16; the fp32 screening's bound widens."""
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("legacy", "high"), ("legacy", "medium"), ("mkldnn", "bf16"), ("mkldnn", "tf32")],
+)
+def test_reduced_precision_float32_matmuls_are_accounted_for(setting, value):
+    """torch may run float32 GEMMs in TF32 / bf16 (legacy or per-backend API); the fp32
+    screening's bound widens to match, and mixing the two APIs does not break it."""
     x, proxies, labels = random_problem(5, torch.float32, 16, 3000, 1, 256, True, True)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(matmul_precision)
+    legacy = torch.get_float32_matmul_precision()
     try:
+        if setting == "legacy":
+            torch.set_float32_matmul_precision(value)
+        else:
+            torch.backends.mkldnn.matmul.fp32_precision = value
+        assert gml._matmul_input_unit(x) == {"high": 2.0**-11, "tf32": 2.0**-11}.get(value, 2.0**-8)
         selection = gml.select_kept(x, proxies, labels, 1, 150, precision="fp32")
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision(legacy)
     assert_canonical(selection, x, proxies, labels, 1, 150, exact_values=False)
+    assert gml._matmul_input_unit(x) == 0.0
 
 
 @pytest.mark.parametrize("low", list(LOW.values()))
