@@ -261,10 +261,10 @@ def select_kept(
 
     Returns:
         ``Selection(indices, similarities, fallback_rows, screening)``: (B, k) kept
-        proxies, each row's positives first, then its negatives in ascending proxy index
-        (so a class's entries are contiguous); their (B, k) similarities; the number of
-        rows the requested screening could not certify (a 0-dim tensor); the dtype it
-        screened in (what ``"auto"`` chose).
+        proxies, each row's positives first, then its negatives (in ascending proxy index
+        when N > 1, so that a class's entries are contiguous); their (B, k) similarities;
+        the number of rows the requested screening could not certify (a 0-dim tensor);
+        the dtype it screened in (what ``"auto"`` chose).
     """
     if precision not in SELECTION_PRECISIONS:
         raise ValueError(f"precision must be one of {SELECTION_PRECISIONS}, got {precision!r}")
@@ -289,6 +289,9 @@ def select_kept(
     else:
         screening = _screening_dtype(precision, problem, count)
         indices, values, fallback_rows = _select_negatives(problem, count, screening)
+        if proxies_per_class > 1:  # group each class's entries
+            order = _argsort_rows(indices)
+            indices, values = indices.gather(1, order), values.gather(1, order)
     return Selection(
         torch.cat([positives, indices], dim=1),
         torch.cat([positive_values, values], dim=1),
@@ -330,7 +333,7 @@ def _all_negatives(problem: _Screening) -> tuple[torch.Tensor, torch.Tensor]:
 def _screen(
     problem: _Screening, width: int, screening: torch.Tensor, proxy_scales: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, columns) of each row's ``width`` best screening scores, columns ascending.
+    """(scores, columns) of each row's ``width`` best screening scores, in no order.
 
     ``screening`` is the embeddings as the GEMM takes them: in the compute dtype (scores
     ``fl(x . p_j) * proxy_scales_j``), or rounded to bf16 / fp16, each block of proxies then
@@ -360,8 +363,7 @@ def _screen(
             best_scores, best_columns = _merge_running_topk(
                 best_scores, best_columns, scores, start
             )
-    order = _argsort_rows(best_columns)
-    return best_scores.gather(1, order), best_columns.gather(1, order)
+    return best_scores, best_columns
 
 
 def _argsort_rows(columns: torch.Tensor) -> torch.Tensor:
@@ -427,12 +429,18 @@ def _largest_two(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return kth, values.kthvalue(below, dim=1, keepdim=True).values
 
 
-def _top_by_key(keys: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the ``count`` largest keys of each row, ties to the lower position."""
-    kth, _ = _largest_two(keys, count)
-    above, tied = keys > kth, keys == kth
-    room = count - above.sum(dim=1, keepdim=True)
-    return above | (tied & (tied.cumsum(dim=1) <= room))
+def _best_pairs(
+    rows: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, room: torch.Tensor
+) -> torch.Tensor:
+    """Mask over (row, column, key) pairs: each row's ``room[row]`` largest keys, ties to
+    the lower column; stable sorts by column, then key, then row rank them within rows."""
+    order = torch.argsort(columns, stable=True)
+    order = order[torch.argsort(keys[order], descending=True, stable=True)]
+    order = order[torch.argsort(rows[order], stable=True)]
+    ranked_rows = rows[order]
+    row_starts = torch.searchsorted(ranked_rows, torch.arange(len(room), device=rows.device))
+    rank = torch.arange(len(rows), device=rows.device) - row_starts[ranked_rows]
+    return torch.empty_like(rows, dtype=torch.bool).index_copy_(0, order, rank < room[ranked_rows])
 
 
 def _in_column_order(
@@ -476,25 +484,26 @@ def _select_certified(
     scores, columns, bound = screened.scores, screened.columns, screened.bound
     kth, after_kth = (t.double() for t in _largest_two(scores, count))
     reaching = bound.least_reaching(kth)  # may still beat the count-th
-    rescore = scores >= reaching
     certified = torch.ones_like(reaching, dtype=torch.bool).squeeze(1)
     if width < num_columns:  # the lowest kept score bounds every dropped one
         certified = (scores.amin(dim=1, keepdim=True) < reaching).squeeze(1)
-    if screened.exact:  # entries beating the (count + 1)-th are in
-        certainly_in = scores > bound.least_beating(after_kth)
+    certainly_in = scores > bound.least_beating(after_kth)  # beats the (count + 1)-th
+    rescore = scores >= reaching
+    if screened.exact:  # the GEMM's values of certain entries are kept
         rescore &= ~certainly_in
     uncertified = ~certified
     num_pairs, redo = _read_counts(
         torch.stack([rescore.sum(), uncertified.sum()]), len(x) + 1, (rescore.numel(), 0)
     )
     rows, positions = torch.nonzero_static(rescore, size=num_pairs).unbind(1)
-    keys = torch.full_like(scores, float("-inf"), dtype=x.dtype)
-    keys[rows, positions] = _canonical_similarities(problem, rows, columns[rows, positions])
-    values = keys
-    if screened.exact:
-        values = torch.where(certainly_in, scores, keys)
-        keys.masked_fill_(certainly_in, float("inf"))
-    kept_columns, kept_values = _in_column_order(_top_by_key(keys, count), count, columns, values)
+    pair_columns, certain = columns[rows, positions], certainly_in[rows, positions]
+    exact = _canonical_similarities(problem, rows, pair_columns)
+    room = count - certainly_in.sum(dim=1)
+    chosen = _best_pairs(rows, pair_columns, exact.masked_fill(certain, -math.inf), room)
+    kept = certainly_in.index_put_((rows, positions), chosen | certain)
+    values = scores if screened.exact else torch.full_like(scores, -math.inf, dtype=x.dtype)
+    values = values.index_put_((rows, positions), exact)
+    kept_columns, kept_values = _in_column_order(kept, count, columns, values)
     if redo:
         rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
         wider = 8 * margin if screened.exact else _exact_margin(count)
