@@ -429,6 +429,14 @@ def _largest_two(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return kth, values.kthvalue(below, dim=1, keepdim=True).values
 
 
+def _top_by_key(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` largest keys of each row, ties to the lower position."""
+    kth, _ = _largest_two(keys, count)
+    above, tied = keys > kth, keys == kth
+    room = count - above.sum(dim=1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=1) <= room))
+
+
 def _best_pairs(
     rows: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, room: torch.Tensor
 ) -> torch.Tensor:
@@ -472,7 +480,8 @@ def _select_certified(
     Screens in ``screening``, keeps the ``count + margin + 1`` best scores and certifies
     that every dropped proxy loses (its upper bound < the count-th's lower bound). Entries
     whose bounds overlap the boundary are rescored; a compute-dtype screening keeps the
-    GEMM's value for entries certainly in, a low-precision one rescores every candidate.
+    GEMM's value for entries certainly in and ranks its few rescored pairs, a low-precision
+    one rescores every candidate and ranks them in place (ties to the lower column both).
     Uncertified rows are redone in the compute dtype, with an 8x wider margin if that was
     the screening already (at CN columns every row is certified). The bounds become two
     thresholds per row, rounded outwards to the scores' dtype: the (B, width) work is
@@ -496,13 +505,18 @@ def _select_certified(
         torch.stack([rescore.sum(), uncertified.sum()]), len(x) + 1, (rescore.numel(), 0)
     )
     rows, positions = torch.nonzero_static(rescore, size=num_pairs).unbind(1)
-    pair_columns, certain = columns[rows, positions], certainly_in[rows, positions]
+    pair_columns = columns[rows, positions]
     exact = _canonical_similarities(problem, rows, pair_columns)
-    room = count - certainly_in.sum(dim=1)
-    chosen = _best_pairs(rows, pair_columns, exact.masked_fill(certain, -math.inf), room)
-    kept = certainly_in.index_put_((rows, positions), chosen | certain)
-    values = scores if screened.exact else torch.full_like(scores, -math.inf, dtype=x.dtype)
-    values = values.index_put_((rows, positions), exact)
+    if screened.exact:  # few pairs: rank them
+        room = count - certainly_in.sum(dim=1)
+        chosen = _best_pairs(rows, pair_columns, exact, room)
+        kept = certainly_in.index_put_((rows, positions), chosen)
+        values = scores.index_put_((rows, positions), exact)
+    else:  # most candidates are rescored: rank keys over the (column-sorted) set
+        values = torch.full_like(scores, -math.inf, dtype=x.dtype).index_put_(
+            (rows, positions), exact
+        )
+        kept = _top_by_key(values.masked_fill(certainly_in, math.inf), count)
     kept_columns, kept_values = _in_column_order(kept, count, columns, values)
     if redo:
         rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
@@ -545,7 +559,7 @@ class _Bound(NamedTuple):
 
 
 class _Screened(NamedTuple):
-    scores: torch.Tensor  # (B, width), columns ascending; the GEMM's values when exact
+    scores: torch.Tensor  # (B, width); the GEMM's values when exact, else columns ascending
     columns: torch.Tensor
     exponents: torch.Tensor  # (B, 1): scores are 2^exponents times similarities
     bound: _Bound  # of |scores - 2^exponents w|
@@ -571,6 +585,8 @@ def _screened(problem: _Screening, width: int, screening: torch.dtype) -> _Scree
     rounded = scaled.to(screening)
     proxy_scales = problem.inverse_norms * 2.0**exponent
     scores, columns = _screen(problem, width, rounded, proxy_scales)
+    order = _argsort_rows(columns)  # positions in column order, for ``_top_by_key``'s ties
+    scores, columns = scores.gather(1, order), columns.gather(1, order)
     exponents = shifts + exponent
     bound = _low_precision_error(problem, scaled, rounded, exponent, exponents)
     return _Screened(scores, columns, exponents, bound, False)
