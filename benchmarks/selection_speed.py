@@ -152,8 +152,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--million", action="store_true", help="the 1M-class shape only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     environment = reporting.capture_environment("cpu")
     environment["torch_threads"] = torch.get_num_threads()
     shapes = (MILLION,) if args.million else SHAPES
@@ -163,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     stem = "selection_speed_million" if args.million else "selection_speed"
     table = reporting.markdown_table(rows, COLUMNS)
     reporting.write_json(args.out / f"{stem}.json", rows, environment)
-    notes = (__doc__.split("\n\n", 1)[1]).rsplit("\n\nRun ", 1)[0]
+    notes = __doc__.split("\n\n", 1)[1].rsplit("\n\nRun ", 1)[0] + (
+        "\n\nWall-clock times: other processes on the machine (see the load averages below)"
+        " slow every variant, unevenly. Compare ratios within one run only.\n"
+    )
     reporting.write_markdown(args.out / f"{stem}.md", "selection speed", table, environment, notes)
     print(table)
 

@@ -327,7 +327,7 @@ def _all_negatives(problem: _Screening) -> tuple[torch.Tensor, torch.Tensor]:
     scores *= inverse_norms
     kept = torch.ones_like(scores, dtype=torch.bool).scatter_(1, excluded, False)
     columns = torch.arange(len(proxies), device=x.device).expand_as(scores)
-    return _in_column_order(kept, scores.shape[1] - excluded.shape[1], columns, scores)
+    return _compact(kept, scores.shape[1] - excluded.shape[1], columns, scores)
 
 
 def _screen(
@@ -451,11 +451,9 @@ def _best_pairs(
     return torch.empty_like(rows, dtype=torch.bool).index_copy_(0, order, rank < room[ranked_rows])
 
 
-def _in_column_order(
-    kept: torch.Tensor, count: int, *tensors: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Each tensor's entries where ``kept`` (``count`` per row), in order, (B, count) each:
-    a scatter, so no data-dependent shape and no host synchronisation."""
+def _compact(kept: torch.Tensor, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's entries where ``kept`` (``count`` per row), in their order, as (B,
+    count) tensors: a scatter, so no data-dependent shape and no host synchronisation."""
     slots = torch.where(kept, kept.cumsum(dim=1) - 1, count)
     return tuple(t.new_zeros(len(t), count + 1).scatter_(1, slots, t)[:, :count] for t in tensors)
 
@@ -517,7 +515,7 @@ def _select_certified(
             (rows, positions), exact
         )
         kept = _top_by_key(values.masked_fill(certainly_in, math.inf), count)
-    kept_columns, kept_values = _in_column_order(kept, count, columns, values)
+    kept_columns, kept_values = _compact(kept, count, columns, values)
     if redo:
         rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
         wider = 8 * margin if screened.exact else _exact_margin(count)
