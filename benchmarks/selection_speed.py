@@ -85,26 +85,26 @@ def _variants(shape: Shape) -> dict[str, Callable[[], Any]]:
             normalised, proxies, labels, shape.proxies_per_class, k, precision=p
         )
     embeddings.requires_grad_()
+    with warnings.catch_warnings():  # costly-setting warnings: measured on purpose
+        warnings.simplefilter("ignore")
+        loss = ProxyGMLLoss(
+            shape.classes,
+            shape.embedding_size,
+            proxies_per_class=shape.proxies_per_class,
+            r=shape.r,
+            top_k=shape.top_k,
+            weight_lambda=0.0,
+        )
+    with torch.no_grad():
+        loss.proxies.copy_(proxies)
+
+    def step(precision: str) -> None:
+        loss.selection_precision = precision  # one loss: one copy of the proxies
+        embeddings.grad = loss.proxies.grad = None
+        loss(embeddings, labels).backward()
+
     for precision in (*PRECISIONS, "auto"):
-        with warnings.catch_warnings():  # costly-setting warnings: measured on purpose
-            warnings.simplefilter("ignore")
-            loss = ProxyGMLLoss(
-                shape.classes,
-                shape.embedding_size,
-                proxies_per_class=shape.proxies_per_class,
-                r=shape.r,
-                top_k=shape.top_k,
-                weight_lambda=0.0,
-                selection_precision=precision,
-            )
-        with torch.no_grad():
-            loss.proxies.copy_(proxies)
-
-        def step(loss: ProxyGMLLoss = loss) -> None:
-            embeddings.grad = loss.proxies.grad = None
-            loss(embeddings, labels).backward()
-
-        variants[f"step {precision}"] = step
+        variants[f"step {precision}"] = lambda p=precision: step(p)
     return variants
 
 
