@@ -4,8 +4,10 @@ Notation (as in the paper and ``shared/spec``): B samples, d embedding dims, C c
 N proxies per class, CN = C * N proxies in total, k proxies kept per sample.
 Proxies are stored row-wise, ``(CN, d)``; row ``j`` belongs to class ``j // N``.
 
-Nothing here owns state or touches PML: the loss class composes these functions, and
-every one of them runs unchanged on CPU and CUDA without host synchronisation.
+Nothing here owns state (but a cache of measured timings, see ``_fastest_screening``) or
+touches PML: the loss class composes these functions, and every one of them runs
+unchanged on CPU and CUDA, without host synchronisation but for one read of counts in
+the certified selection (``select_kept``).
 Nothing of size (CN, C) or (CN, CN) is ever built: class logits are segment sums over
 the B * k kept entries, and the regulariser goes through per-class proxy sums.
 """
