@@ -5,32 +5,34 @@ round, ``--warmup`` rounds discarded), medians over ``--repeats`` rounds:
 
 * ``floor``: the forward-only ``F.normalize(X) @ F.normalize(P).T`` of the shape, as in
   ``loss_speed`` and ``scale_checks targets``: the least any proxy loss pays.
-* ``select <p>``: ``functional.select_kept`` in precision p on normalised embeddings and
-  the raw proxies (what the loss calls), with the rows it could not certify and, for
-  ``auto``, what it chose (measured on its first call).
+* ``select topk``: ``functional.select_topk``, the loss's default selection, on
+  normalised embeddings and the raw proxies (what the loss calls).
+* ``select <p>``: ``functional.select_kept`` in screening precision p, likewise, with the
+  rows it could not certify and, for ``auto``, what it chose (measured on its first call).
 * ``step <p>``: ``ProxyGMLLoss(..., weight_lambda=0, selection_precision=p)`` forward and
-  backward, embeddings and proxies requiring grad, their gradients set to None before each
-  step as ``optimizer.zero_grad()`` does.
+  backward (``fp32``: the default, ``select_topk``; the others ``select_kept``),
+  embeddings and proxies requiring grad, their gradients set to None before each step as
+  ``optimizer.zero_grad()`` does.
 
 Shapes: SOP (C=11,318, N=1, d=512, r=0.05) at B=32 and 256; the emoji shape (B=32, C=818,
 N=12, d=128, k=491) and C=1,000, N=12, d=128, r=0.05, B=32 (issue 12); with ``--million``
 also 1,000,000 classes, N=1, d=512, B=256, top_k=1000 (2 GB of proxies, about 10 s a
-round on 2 cores). All selections return the same kept sets; only their speed differs.
+round on 2 cores). The ``select_kept`` screenings return the same (canonical) kept sets;
+``select_topk``'s differ from them only in near-ties below the fp32 GEMM's rounding.
 
-Run ``python -m benchmarks.selection_speed [--million]``; results go to
-``benchmarks/results/selection_speed/selection_speed[_million].{json,md}``.
+Run ``python -m benchmarks.selection_speed [--million]``; results go to ``--out`` (default
+``runs/selection_speed/``) as ``selection_speed[_million].{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,9 +41,9 @@ import torch.nn.functional as F
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
-from . import reporting
+from .core import cli, report
+from .core.measure import load_average
 
-RESULTS = Path(__file__).parent / "results" / "selection_speed"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -79,7 +81,12 @@ def _variants(shape: Shape) -> dict[str, Callable[[], Any]]:
         with torch.no_grad():
             F.normalize(embeddings) @ F.normalize(proxies).T
 
-    variants: dict[str, Callable[[], Any]] = {"floor": floor}
+    variants: dict[str, Callable[[], Any]] = {
+        "floor": floor,
+        "select topk": lambda: gml.select_topk(
+            normalised, proxies, labels, shape.proxies_per_class, k
+        ),
+    }
     for precision in (*PRECISIONS, "auto"):
         variants[f"select {precision}"] = lambda p=precision: gml.select_kept(
             normalised, proxies, labels, shape.proxies_per_class, k, precision=p
@@ -148,30 +155,34 @@ COLUMNS = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], parents=[cli.common_flags("out")]
+    )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--million", action="store_true", help="the 1M-class shape only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    environment = reporting.capture_environment("cpu")
+    command = report.command_line("benchmarks.selection_speed", argv)
+    environment = report.capture_environment("cpu", command)
     environment["torch_threads"] = torch.get_num_threads()
     shapes = (MILLION,) if args.million else SHAPES
     rows = [row for shape in shapes for row in measure(shape, args.repeats, args.warmup)]
-    environment["load_average_at_end"] = [round(load, 2) for load in os.getloadavg()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "selection_speed_million" if args.million else "selection_speed"
-    table = reporting.markdown_table(rows, COLUMNS)
-    reporting.write_json(args.out / f"{stem}.json", rows, environment)
+    environment["load_average_at_end"] = load_average()
+    out = report.output_folder(args.out, "selection_speed")
+    out.mkdir(parents=True, exist_ok=True)
     notes = __doc__.split("\n\n", 1)[1].rsplit("\n\nRun ", 1)[0] + (
         "\n\nWall-clock times: other processes on the machine (see the load averages below)"
         " slow every variant, unevenly. Compare ratios within one run only.\n"
     )
-    reporting.write_markdown(args.out / f"{stem}.md", "selection speed", table, environment, notes)
-    print(table)
+    stem = "selection_speed_million" if args.million else "selection_speed"
+    report.write_results(
+        out, stem, rows, environment, title="selection speed", columns=COLUMNS, notes=notes
+    )
+    print(report.markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":
