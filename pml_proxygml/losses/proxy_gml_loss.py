@@ -323,6 +323,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         (B, k) indices and similarities of each sample's kept proxies (plain top-k when
         ``labels`` is None). The opening of both ``compute_loss`` and ``get_logits``."""
         x, proxies = self._inputs_in_compute_dtype(embeddings)
+        if self.collect_stats:
+            self.selection_fallback_rows = 0  # the selection adds its own (``_select_top``)
         indices, values = self._select(x, proxies, labels)
         return x, proxies, indices, values
 
