@@ -423,7 +423,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
     def _select(
         self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``gml.select_topk`` over all C * N proxies, from each rank's top-k over its shard.
+        """``_select_top`` over all C * N proxies, from each rank's top-k over its shard.
 
         The global selection keeps the sample's positives (all N if k >= N, else the k most
         similar) and the k - N most similar negatives. The positives all live on the rank
@@ -443,9 +443,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
             if len(rows) == 0:
                 continue
             local_labels = labels[rows] - self.class_start if with_labels else None
-            found, similarities = gml.select_topk(
-                x[rows], proxies, local_labels, per_class, local_k, self.selection_block_bytes
-            )
+            found, similarities = self._select_top(x[rows], proxies, local_labels, local_k)
             candidates[rows, :local_k] = found + start
             values[rows, :local_k] = similarities
 

@@ -4,8 +4,10 @@ Notation (as in the paper and ``docs/method.md``): B samples, d embedding dims, 
 N proxies per class, CN = C * N proxies in total, k proxies kept per sample.
 Proxies are stored row-wise, ``(CN, d)``; row ``j`` belongs to class ``j // N``.
 
-Nothing here owns state or touches PML: the loss class composes these functions, and
-every one of them runs unchanged on CPU and CUDA without host synchronisation.
+Nothing here owns state (but a cache of measured timings, see ``_fastest_screening``) or
+touches PML: the loss class composes these functions, and every one of them runs
+unchanged on CPU and CUDA, without host synchronisation but for one read of counts in
+the certified selection (``select_kept``).
 Nothing of size (CN, C) or (CN, CN) is ever built: class logits are segment sums over
 the B * k kept entries, and the regulariser goes through per-class proxy sums.
 """
@@ -16,7 +18,10 @@ import contextlib
 import functools
 import math
 import os
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +39,36 @@ DEFAULT_SELECTION_BLOCK_BYTES = 16 << 20
 
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
 DEFAULT_REGULARIZER_BLOCK_ELEMENTS = 1 << 24
+
+# How ``select_kept`` screens all proxies before rescoring its candidates exactly.
+SELECTION_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Devices whose bf16 / fp16 GEMMs sum in float32 (CUDA: once told to, see
+# ``_float32_accumulation``); meta has no data and runs any path.
+LOW_PRECISION_DEVICES = ("cpu", "cuda", "meta")
+
+# Fewest entries beyond the k-th a screening keeps as candidates (compute dtype: max(this,
+# k / 16); low precision: max(this, 2 k)); a row needing more is redone (see select_kept).
+EXACT_MIN_MARGIN = 16
+LOW_PRECISION_MIN_MARGIN = 64
+
+# fp16 screening scales rows and proxies to norm ~2^7: no overflow (scores < 2^14 < 65504)
+# and only elements below ~2^-21 of the norm reach fp16's subnormals.
+FP16_INPUT_EXPONENT = 7
+
+# Below this many multiply-adds (B * CN * d) "auto" screens in the compute dtype unmeasured.
+AUTO_MIN_MULTIPLY_ADDS = 1 << 27
+
+# Relative rounding of float32 GEMM inputs per matmul precision setting (see
+# ``_matmul_input_unit``), and the legacy setting's names for them.
+FLOAT32_MATMUL_INPUT_UNIT = {"ieee": 0.0, "tf32": 2.0**-11, "bf16": 2.0**-8}
+LEGACY_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+FLOAT32_UNIT = 2.0**-24
+
+# Relative slack on every error bound (the float64 evaluation of norms and bounds), and on
+# the thresholds derived from them (float64 rounding, relative to their magnitude).
+BOUND_SLACK = 2.0**-20
+THRESHOLD_SLACK = 2.0**-48
 
 # Elements per numpy argpartition call of the CPU top-k: rows go in chunks this large (its
 # (rows, n) int64 result stays small) spread over torch's intra-op thread count.
@@ -150,6 +185,33 @@ def _exclude_columns(block: torch.Tensor, columns: torch.Tensor) -> None:
     block.scatter_reduce_(1, columns.clamp(0, width - 1), fill, reduce="amin")
 
 
+class Selection(NamedTuple):
+    """What ``select_kept`` returns (see there)."""
+
+    indices: torch.Tensor
+    similarities: torch.Tensor
+    fallback_rows: torch.Tensor
+    screening: torch.dtype
+
+
+def _positives(
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    labels: torch.Tensor | None,
+    proxies_per_class: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inverse_norms, positives, values)``: the proxies' inverse norms, each sample's
+    (B, N) positive proxies (none when ``labels`` is None) and their similarities."""
+    inverse_norms = proxy_norms(proxies).reciprocal()
+    if labels is None:
+        positives = embeddings.new_empty(len(embeddings), 0, dtype=torch.long)
+    else:
+        positives = positive_proxy_indices(labels, proxies_per_class)
+    values = torch.einsum("bd,bnd->bn", embeddings, proxies[positives])
+    values *= inverse_norms[positives]
+    return inverse_norms, positives, values
+
+
 @torch.no_grad()
 def select_topk(
     embeddings: torch.Tensor,
@@ -182,13 +244,9 @@ def select_topk(
         ``(indices, similarities)``, each (B, k), in no meaningful order.
     """
     batch_size, num_proxies = embeddings.shape[0], proxies.shape[0]
-    inverse_norms = proxy_norms(proxies).reciprocal()
-    if labels is None:
-        kept_positives = embeddings.new_empty(batch_size, 0, dtype=torch.long)
-    else:
-        kept_positives = positive_proxy_indices(labels, proxies_per_class)
-    positive_values = torch.einsum("bd,bnd->bn", embeddings, proxies[kept_positives])
-    positive_values *= inverse_norms[kept_positives]
+    inverse_norms, kept_positives, positive_values = _positives(
+        embeddings, proxies, labels, proxies_per_class
+    )
     if k <= kept_positives.shape[1]:
         values, best = positive_values.topk(k, dim=1, sorted=False)
         return kept_positives.gather(1, best), values
@@ -210,6 +268,582 @@ def select_topk(
             best_values, best_indices = _merge_running_topk(best_values, best_indices, block, start)
     indices = torch.cat([kept_positives, best_indices], dim=1)
     return indices, torch.cat([positive_values, best_values], dim=1)
+
+
+@torch.no_grad()
+def select_kept(
+    embeddings: torch.Tensor,
+    proxies: torch.Tensor,
+    labels: torch.Tensor | None,
+    proxies_per_class: int,
+    k: int,
+    block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
+    precision: str = "fp32",
+) -> Selection:
+    """The k proxies kept per sample, positives first, and their cosine similarities.
+
+    Equivalent to the official ``topk(S + 1000 * positive_mask, k)`` with S the similarity to
+    the normalised proxies, without relying on |S| <= 1: if k >= N every positive proxy is
+    kept plus the k - N most similar negative ones; if k < N only the k most similar
+    positives are kept (and no negatives at all). With ``labels=None`` it is a plain top-k.
+
+    **Which negatives, exactly.** Rounding decides near-ties, so "most similar" needs one
+    definition of each similarity: the *canonical* value ``w_ij = fl(fl(x_i . p_j) * r_j)``
+    with ``r_j = fl(1 / |p_j|)``, the dot product taken by ``torch.sparse.sampled_addmm``
+    (a fixed vectorised loop over d per pair, whatever other pairs are asked: the same bits
+    every time) in the compute dtype. The kept negatives are the k - N largest w, ties to
+    the lower proxy index, whatever ``precision`` says: the precisions differ in speed only.
+
+    **Against ``select_topk``** (the loss's default, ``selection_precision="fp32"``), which
+    ranks the GEMM's own fl(x . p_j) r_j: both values lie within ``_dot_error`` (~2 d u |x|,
+    u the compute dtype's unit roundoff) of the exact (x . p_j) r_j, so the kept sets are the
+    same but where the last kept and first dropped similarities differ by less than that
+    bound, a near-tie the GEMM cannot order either; kept values agree to within it.
+
+    **Screening, then exact rescoring.** A GEMM scores all proxies, with a proven bound
+    ``|s_j - w_j| <= E_i + c |s_j|`` on how far a score lies from w (``_dot_error``,
+    ``_low_precision_error``). Each row keeps its k - N + m best scores (m a margin) and
+    checks that every proxy it dropped is certainly out: its upper bound s + E + c|s| stays
+    below the (k - N)-th score's lower bound. Within the kept set, a proxy whose lower bound
+    beats the (k - N + 1)-th score's upper bound is certainly in; the others with an
+    interval reaching the boundary are rescored (their w computed) and decide.
+
+    * ``"fp32"``: scores in the compute dtype (float32, or float64 for float64 inputs):
+      E ~ 2 d u |x| (u its unit roundoff), so only proxies within a few ulps of the
+      boundary are rescored; m = max(``EXACT_MIN_MARGIN``, k / 16). Kept values are the
+      GEMM's, or w where rescored: equal to the dtype's rounding.
+    * ``"bf16"``, ``"fp16"``: scores in that format, fast where the hardware has
+      low-precision GEMMs: E ~ u_lp |x| + |x - lp(x)|. Every proxy that may be kept is
+      rescored (all values are w), by a sampled product that reads each pair's rows in
+      place, never gathering them; m = max(``LOW_PRECISION_MIN_MARGIN``, 2 (k - N)).
+    * ``"auto"``: the fastest of these for the device and shape (``_fastest_screening``).
+
+    A row that cannot be certified falls back to the ``"fp32"`` screening, or, from there,
+    to the same with an 8x wider margin: at m = CN every row is certified. Scores are
+    streamed over blocks of proxies with a running top-(k - N + m), so the extra memory is
+    O(B * (k + m + block)) whatever CN; the proxies are never copied in normalised form at
+    full precision. Reading the counts of rescored pairs and uncertified rows is one host
+    synchronisation per call (one more per fallback). No gradient flows through it (see
+    ``kept_similarities``).
+
+    Args:
+        embeddings: (B, d) embeddings (normalised or not, as the distance says).
+        proxies: (CN, d) raw proxies, class-major.
+        labels: (B,) classes in [0, C), or None.
+        proxies_per_class: N.
+        k: proxies kept per sample, 1 <= k <= CN.
+        block_bytes: memory budget of one (B, block) block of similarities.
+        precision: one of ``SELECTION_PRECISIONS``: how all proxies are screened.
+
+    Returns:
+        ``Selection(indices, similarities, fallback_rows, screening)``: (B, k) kept
+        proxies, each row's positives first, then its negatives; their (B, k) similarities;
+        the number of rows the requested screening could not certify (a 0-dim tensor);
+        the dtype it screened in (what ``"auto"`` chose).
+    """
+    if precision not in SELECTION_PRECISIONS:
+        raise ValueError(f"precision must be one of {SELECTION_PRECISIONS}, got {precision!r}")
+    num_proxies = proxies.shape[0]
+    inverse_norms, positives, positive_values = _positives(
+        embeddings, proxies, labels, proxies_per_class
+    )
+    fallback_rows = torch.zeros((), dtype=torch.long, device=embeddings.device)
+    screening = embeddings.dtype
+    if k <= positives.shape[1]:
+        values, best = positive_values.topk(k, dim=1, sorted=False)
+        return Selection(positives.gather(1, best), values, fallback_rows, screening)
+
+    problem = _Screening(embeddings, proxies, inverse_norms, positives, block_bytes)
+    count = k - positives.shape[1]
+    if count == num_proxies - positives.shape[1]:  # every negative is kept
+        indices, values = _all_negatives(problem)
+    else:
+        screening = _screening_dtype(precision, problem, count)
+        indices, values, fallback_rows = _select_negatives(problem, count, screening)
+    return Selection(
+        torch.cat([positives, indices], dim=1),
+        torch.cat([positive_values, values], dim=1),
+        fallback_rows,
+        screening,
+    )
+
+
+class _Screening(NamedTuple):
+    """The inputs every screening of one selection shares."""
+
+    embeddings: torch.Tensor
+    proxies: torch.Tensor
+    inverse_norms: torch.Tensor
+    excluded: torch.Tensor  # (B, n) columns never kept: the positives
+    block_bytes: int
+
+    def rows(self, rows: torch.Tensor) -> _Screening:
+        return self._replace(embeddings=self.embeddings[rows], excluded=self.excluded[rows])
+
+
+def _select_negatives(
+    problem: _Screening, count: int, screening: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if screening == problem.embeddings.dtype:
+        return _select_certified(problem, count, screening, _exact_margin(count))
+    return _select_certified(problem, count, screening, max(LOW_PRECISION_MIN_MARGIN, 2 * count))
+
+
+def _all_negatives(problem: _Screening) -> tuple[torch.Tensor, torch.Tensor]:
+    x, proxies, inverse_norms, excluded, _ = problem
+    scores = x @ proxies.T
+    scores *= inverse_norms
+    kept = torch.ones_like(scores, dtype=torch.bool).scatter_(1, excluded, False)
+    columns = torch.arange(len(proxies), device=x.device).expand_as(scores)
+    return _compact(kept, scores.shape[1] - excluded.shape[1], columns, scores)
+
+
+def _screen(
+    problem: _Screening, width: int, screening: torch.Tensor, proxy_scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, columns) of each row's ``width`` best screening scores, in no order.
+
+    ``screening`` is the embeddings as the GEMM takes them: in the compute dtype (scores
+    ``fl(x . p_j) * proxy_scales_j``), or rounded to bf16 / fp16, each block of proxies then
+    scaled by ``proxy_scales`` and rounded likewise in one pass (scores in float32).
+    Streamed over blocks of proxies with a running top-``width``; excluded columns: -inf.
+    """
+    proxies, excluded = problem.proxies, problem.excluded
+    low_precision = screening.dtype in LOW_PRECISIONS.values()
+    element_size = 4 if low_precision else screening.element_size()
+    block = max(width, selection_block_rows(len(screening), element_size, problem.block_bytes))
+    best_scores = best_columns = None
+    for start in range(0, len(proxies), block):
+        stop = min(start + block, len(proxies))
+        if low_precision:
+            rounded = proxies.new_empty((stop - start, proxies.shape[1]), dtype=screening.dtype)
+            torch.mul(proxies[start:stop], proxy_scales[start:stop, None], out=rounded)
+            with _float32_accumulation(screening.device):
+                scores = (screening @ rounded.T).float()
+        else:
+            scores = screening @ proxies[start:stop].T
+            scores *= proxy_scales[start:stop]
+        _exclude_columns(scores, excluded - start)
+        if best_scores is None:  # the first block holds at least ``width`` columns
+            best_scores, positions = _largest(scores, width)
+            best_columns = positions + start
+        else:
+            best_scores, best_columns = _merge_running_topk(
+                best_scores, best_columns, scores, start
+            )
+    return best_scores, best_columns
+
+
+def _argsort_rows(columns: torch.Tensor) -> torch.Tensor:
+    """Per-row argsort; numpy's (SIMD) on CPU outside ``torch.compile``."""
+    if columns.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.argsort(columns.numpy(), axis=1))
+    return columns.argsort(dim=1)
+
+
+def _canonical_similarities(
+    problem: _Screening, rows: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor:
+    """The canonical w of the (row, column) pairs, ``rows`` ascending.
+
+    ``torch.sparse.sampled_addmm`` reads each pair's two vectors in place and reduces over d
+    in a fixed loop: no (pairs, d) gather is built, and a pair's bits depend on nothing else
+    (the same in either orientation and in any subset: ``tests/test_certified_selection``).
+    On CPU, pairs outnumbering the proxies go proxy-major, so each proxy is read once.
+    """
+    x, proxies, inverse_norms = problem.embeddings, problem.proxies, problem.inverse_norms
+    if x.device.type == "meta":  # no kernel and no data: only the shape matters
+        return x.new_empty(columns.shape)
+    by_proxy = x.device.type == "cpu" and len(columns) > len(proxies)
+    if by_proxy:
+        order = _argsort_rows(columns.unsqueeze(0)).squeeze(0)
+        rows, columns = columns[order], rows[order]
+        left, right = proxies, x
+    else:
+        left, right = x, proxies
+    row_starts = F.pad(torch.bincount(rows, minlength=len(left)).cumsum(0), (1, 0))
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            row_starts,
+            columns,
+            left.new_zeros(columns.shape),
+            size=(len(left), len(right)),
+            device=x.device,
+            check_invariants=False,
+        )
+        dots = torch.sparse.sampled_addmm(pattern, left, right.T).values()
+    if by_proxy:
+        return torch.empty_like(dots).index_copy_(0, order, dots * inverse_norms[rows])
+    return dots * inverse_norms[columns]
+
+
+def _largest_two(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1) each: the ``rank``-th and (``rank`` + 1)-th largest value of each row (-inf
+    when the row has only ``rank`` values).
+
+    numpy's partition (a SIMD introselect) on CPU outside ``torch.compile``: several times
+    faster there than ``torch.kthvalue``.
+    """
+    below = values.shape[1] - rank  # entries ranked after the rank-th
+    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+        partitioned = torch.from_numpy(np.partition(values.numpy(), below, axis=1))
+        kth, after = partitioned[:, below, None], partitioned[:, :below]
+        after = after.amax(dim=1, keepdim=True) if below else torch.full_like(kth, -math.inf)
+        return kth, after
+    kth = values.kthvalue(below + 1, dim=1, keepdim=True).values
+    if below == 0:
+        return kth, torch.full_like(kth, -math.inf)
+    return kth, values.kthvalue(below, dim=1, keepdim=True).values
+
+
+def _top_by_key(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` largest keys of each row, ties to the lower position."""
+    kth, _ = _largest_two(keys, count)
+    above, tied = keys > kth, keys == kth
+    room = count - above.sum(dim=1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=1) <= room))
+
+
+def _best_pairs(
+    rows: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, room: torch.Tensor
+) -> torch.Tensor:
+    """Mask over (row, column, key) pairs: each row's ``room[row]`` largest keys, ties to
+    the lower column; stable sorts by column, then key, then row rank them within rows."""
+    order = torch.argsort(columns, stable=True)
+    order = order[torch.argsort(keys[order], descending=True, stable=True)]
+    order = order[torch.argsort(rows[order], stable=True)]
+    ranked_rows = rows[order]
+    row_starts = torch.searchsorted(ranked_rows, torch.arange(len(room), device=rows.device))
+    rank = torch.arange(len(rows), device=rows.device) - row_starts[ranked_rows]
+    return torch.empty_like(rows, dtype=torch.bool).index_copy_(0, order, rank < room[ranked_rows])
+
+
+def _compact(kept: torch.Tensor, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor's entries where ``kept`` (``count`` per row), in their order, as (B,
+    count) tensors: a scatter, so no data-dependent shape and no host synchronisation."""
+    slots = torch.where(kept, kept.cumsum(dim=1) - 1, count)
+    return tuple(t.new_zeros(len(t), count + 1).scatter_(1, slots, t)[:, :count] for t in tensors)
+
+
+def _read_counts(counts: torch.Tensor, radix: int, on_meta: tuple[int, int]) -> tuple[int, int]:
+    """Two counts (the second below ``radix``) read in one host synchronisation."""
+    if counts.device.type == "meta":
+        return on_meta
+    return divmod(int(counts[0] * radix + counts[1]), radix)
+
+
+def _exact_margin(count: int) -> int:
+    """Entries beyond the k-th the compute-dtype screening keeps as possible candidates."""
+    return max(EXACT_MIN_MARGIN, count // 16)
+
+
+def _select_certified(
+    problem: _Screening, count: int, screening: torch.dtype, margin: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(columns, values, uncertified rows) of each row's ``count`` best negatives by w.
+
+    Screens in ``screening``, keeps the ``count + margin + 1`` best scores and certifies
+    that every dropped proxy loses (its upper bound < the count-th's lower bound). Entries
+    whose bounds overlap the boundary are rescored; a compute-dtype screening keeps the
+    GEMM's value for entries certainly in and ranks its few rescored pairs, a low-precision
+    one rescores every candidate and ranks them in place (ties to the lower column both).
+    Uncertified rows are redone in the compute dtype, with an 8x wider margin if that was
+    the screening already (at CN columns every row is certified). The bounds become two
+    thresholds per row, rounded outwards to the scores' dtype: the (B, width) work is
+    comparisons.
+    """
+    x, num_columns = problem.embeddings, len(problem.proxies)
+    width = min(num_columns, count + margin + 1)
+    screened = _screened(problem, width, screening)
+    scores, columns, bound = screened.scores, screened.columns, screened.bound
+    kth, after_kth = (t.double() for t in _largest_two(scores, count))
+    reaching = bound.least_reaching(kth)  # may still beat the count-th
+    certified = torch.ones_like(reaching, dtype=torch.bool).squeeze(1)
+    if width < num_columns:  # the lowest kept score bounds every dropped one
+        certified = (scores.amin(dim=1, keepdim=True) < reaching).squeeze(1)
+    certainly_in = scores > bound.least_beating(after_kth)  # beats the (count + 1)-th
+    rescore = scores >= reaching
+    if screened.exact:  # the GEMM's values of certain entries are kept
+        rescore &= ~certainly_in
+    uncertified = ~certified
+    num_pairs, redo = _read_counts(
+        torch.stack([rescore.sum(), uncertified.sum()]), len(x) + 1, (rescore.numel(), 0)
+    )
+    rows, positions = torch.nonzero_static(rescore, size=num_pairs).unbind(1)
+    pair_columns = columns[rows, positions]
+    exact = _canonical_similarities(problem, rows, pair_columns)
+    if screened.exact:  # few pairs: rank them
+        room = count - certainly_in.sum(dim=1)
+        chosen = _best_pairs(rows, pair_columns, exact, room)
+        kept = certainly_in.index_put_((rows, positions), chosen)
+        values = scores.index_put_((rows, positions), exact)
+    else:  # most candidates are rescored: rank keys over the (column-sorted) set
+        values = torch.full_like(scores, -math.inf, dtype=x.dtype).index_put_(
+            (rows, positions), exact
+        )
+        kept = _top_by_key(values.masked_fill(certainly_in, math.inf), count)
+    kept_columns, kept_values = _compact(kept, count, columns, values)
+    if redo:
+        rows = torch.nonzero_static(uncertified, size=redo).squeeze(1)
+        wider = 8 * margin if screened.exact else _exact_margin(count)
+        redone, redone_values, _ = _select_certified(problem.rows(rows), count, x.dtype, wider)
+        kept_columns[rows], kept_values[rows] = redone, redone_values
+    return kept_columns, kept_values, uncertified.sum()
+
+
+class _Bound(NamedTuple):
+    """|s - w| <= error + relative |s|, per row, in the units of the scores s.
+
+    Thresholds on s derived from it are evaluated in float64 on (B, 1) tensors, then
+    pushed outwards by ``THRESHOLD_SLACK`` of their magnitude, which covers float64's own
+    rounding in those few operations; the (B, width) scores are compared with them exactly
+    (float32 scores promote to float64 in the comparison).
+    """
+
+    error: torch.Tensor  # (B, 1) float64
+    relative: float
+
+    def _outwards(self, threshold: torch.Tensor, sign: int) -> torch.Tensor:
+        return threshold.add(threshold.abs() + self.error, alpha=sign * THRESHOLD_SLACK)
+
+    def least_reaching(self, score: torch.Tensor) -> torch.Tensor:
+        """Scores s' below this have upper(s') = s' + E + c|s'| < lower(score)."""
+        level = score.sub(self.error, alpha=2)
+        if self.relative:  # minus c|score|, then invert s' + c |s'| (increasing)
+            level = level.sub(score.abs(), alpha=self.relative)
+            level = level / torch.where(level >= 0, 1 + self.relative, 1 - self.relative)
+        return self._outwards(level, -1)
+
+    def least_beating(self, score: torch.Tensor) -> torch.Tensor:
+        """Scores s' above this have lower(s') = s' - E - c|s'| > upper(score)."""
+        level = score.add(self.error, alpha=2)
+        if self.relative:  # plus c|score|, then invert s' - c |s'| (increasing)
+            level = level.add(score.abs(), alpha=self.relative)
+            level = level / torch.where(level >= 0, 1 - self.relative, 1 + self.relative)
+        return self._outwards(level, 1)
+
+
+class _Screened(NamedTuple):
+    scores: torch.Tensor  # (B, width); the GEMM's values when exact, else columns ascending
+    columns: torch.Tensor
+    exponents: torch.Tensor  # (B, 1): scores are 2^exponents times similarities
+    bound: _Bound  # of |scores - 2^exponents w|
+    exact: bool  # screened in the compute dtype
+
+
+def _screened(problem: _Screening, width: int, screening: torch.dtype) -> _Screened:
+    """Each row's ``width`` best screening scores, with their columns and error bound."""
+    x = problem.embeddings
+    if screening == x.dtype:
+        scores, columns = _screen(problem, width, x, problem.inverse_norms)
+        bound = _Bound(_exact_screening_error(problem), 0.0)
+        return _Screened(
+            scores, columns, torch.zeros_like(bound.error, dtype=torch.int), bound, True
+        )
+    # Rows scaled by powers of two to norm [2^(a-1), 2^a) and proxies normalised times 2^a:
+    # exact, and for fp16 (a = FP16_INPUT_EXPONENT) safe from its narrow range. The scores
+    # stay in these units: row i's are 2^(shift_i + a) times the similarities.
+    exponent = FP16_INPUT_EXPONENT if screening == torch.float16 else 0
+    _, norm_exponents = torch.frexp(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+    shifts = exponent - norm_exponents
+    scaled = torch.ldexp(x, shifts)
+    rounded = scaled.to(screening)
+    proxy_scales = problem.inverse_norms * 2.0**exponent
+    scores, columns = _screen(problem, width, rounded, proxy_scales)
+    order = _argsort_rows(columns)  # positions in column order, for ``_top_by_key``'s ties
+    scores, columns = scores.gather(1, order), columns.gather(1, order)
+    exponents = shifts + exponent
+    bound = _low_precision_error(problem, scaled, rounded, exponent, exponents)
+    return _Screened(scores, columns, exponents, bound, False)
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def _gamma(terms: int, unit: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term sum."""
+    return terms * unit / (1 - terms * unit)
+
+
+def _matmul_input_unit(x: torch.Tensor) -> float:
+    """Relative rounding a float32 GEMM on x's device may apply to its inputs: 0 in IEEE
+    float32, 2^-11 in TF32 (or two bf16 terms), 2^-8 in bf16; unknown settings count as bf16.
+
+    Read from the backend's ``fp32_precision`` (torch >= 2.9), else the global one, else
+    ``torch.get_float32_matmul_precision()`` (which raises once the APIs are mixed).
+    """
+    if x.dtype != torch.float32:
+        return 0.0
+    backend = (
+        torch.backends.cuda.matmul if x.device.type == "cuda" else torch.backends.mkldnn.matmul
+    )
+    precision = getattr(backend, "fp32_precision", "none")
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision == "none":
+        try:
+            precision = LEGACY_MATMUL_PRECISION[torch.get_float32_matmul_precision()]
+        except RuntimeError:
+            precision = "bf16"
+    unit = FLOAT32_MATMUL_INPUT_UNIT.get(precision, FLOAT32_MATMUL_INPUT_UNIT["bf16"])
+    if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        unit = max(unit, FLOAT32_MATMUL_INPUT_UNIT["tf32"])
+    return unit
+
+
+def _dot_error(problem: _Screening, *input_units: float) -> torch.Tensor:
+    """(B, 1) float64 bound, summed over GEMMs that round their inputs by ``input_units``, on
+    |fl(fl(x . p_j) * r_j) - (x . p_j) r_j| over j, whatever the GEMM.
+
+    A GEMM may round its inputs with relative error u_in (0 unless TF32 or a bf16 float32
+    mode is on), then sums d products in the compute dtype (unit u) in any order, with or
+    without FMA: error <= gamma_d sum|x~_t p~_t| (Higham, Accuracy and Stability, 2002,
+    Thm 3.1 and Lemma 3.3: any order); with Cauchy-Schwarz the total is at most
+    (2 u_in + u_in^2 + gamma_d (1 + u_in)^2) |x| |p_j|. Scaling by r_j adds u times the
+    result; |p_j| r_j <= nu = (1 + u) / (1 - gamma_{d+2}) (the norm's own rounding), and
+    underflow adds at most (d r_max + 1) tiny, r_max <= 1 / NORM_EPS.
+    """
+    x = problem.embeddings
+    dim, unit, tiny = x.shape[1], _unit_roundoff(x.dtype), torch.finfo(x.dtype).tiny
+    nu = (1 + unit) / (1 - _gamma(dim + 2, unit))
+    total = 0.0
+    for input_unit in input_units:
+        rounded = 2 * input_unit + input_unit**2 + _gamma(dim, unit) * (1 + input_unit) ** 2
+        total += nu * (rounded + unit * (1 + rounded))
+    underflow = (dim * (1 + unit) / NORM_EPS + 1) * tiny * len(input_units)
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
+    return norms * (total * (1 + BOUND_SLACK)) + underflow
+
+
+def _exact_screening_error(problem: _Screening) -> torch.Tensor:
+    """(B, 1) bound on |GEMM score - canonical w| for the compute-dtype screening: both lie
+    within ``_dot_error`` of the exact (x . p_j) r_j."""
+    return _dot_error(problem, 0.0, _matmul_input_unit(problem.embeddings))
+
+
+def _low_precision_error(
+    problem: _Screening,
+    scaled: torch.Tensor,
+    rounded: torch.Tensor,
+    proxy_exponent: int,
+    score_exponents: torch.Tensor,
+) -> _Bound:
+    """|s_j - w_j| <= E_i + c |s_j| for the low-precision scores s of ``_screen``, in their
+    scaled units (below).
+
+    In row i's scaled units, x' = x 2^e (``scaled``; exact), p'_j = p_j r_j 2^a (a =
+    ``proxy_exponent``) and t_j = x' . p'_j = 2^(e + a) (x . p_j) r_j, e + a being
+    ``score_exponents``. The GEMM takes x~ = lp(x') (``rounded``) and p~_j = lp(fl(p'_j)),
+    both rounded to nearest with unit u_lp (an element flushed to zero or subnormal is off
+    by at most tiny_lp); it forms the products exactly in float32 (two lp significands need
+    at most 22 bits), sums them in float32 in any order (the assumption, checked on this
+    device by ``tests/test_certified_selection.py``) and rounds the sum to q in lp. With
+    R = |x' - x~| (measured; the difference is exact by Sterbenz's lemma), P = 2^a nu >= |p'_j|,
+    u_p = u_lp (1 + u) + u (p'_j is rounded twice) and f = tiny_lp sqrt(d):
+
+        |x~ . p~_j - t_j| <= R (P (1 + u_p) + f) + |x'| (u_p P + f)
+        |sum - x~ . p~_j| <= gamma_d(float32) (|x'| + R) (P (1 + u_p) + f), doubled as a margin
+        |q - sum|         <= c |q| + (1 + c) tiny_lp,   c = u_lp / (1 - u_lp)
+
+    E_i is the sum of these, plus the canonical value's own ``_dot_error`` times 2^(e + a)
+    (``score_exponents``): comparisons stay in the scaled units, where s = q exactly.
+    """
+    x = problem.embeddings
+    dim, unit = x.shape[1], _unit_roundoff(x.dtype)
+    low_unit, low_tiny = _unit_roundoff(rounded.dtype), torch.finfo(rounded.dtype).tiny
+    floor = (low_tiny + torch.finfo(x.dtype).tiny) * math.sqrt(dim)
+    proxy_norm = 2.0**proxy_exponent * (1 + unit) / (1 - _gamma(dim + 2, unit))
+    proxy_unit = low_unit * (1 + unit) + unit
+    rounded_proxy_norm = proxy_norm * (1 + proxy_unit) + floor
+    x_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True, dtype=torch.float64)
+    x_norm *= 1 + BOUND_SLACK
+    residual = scaled - rounded.to(x.dtype)
+    residual = torch.linalg.vector_norm(residual, dim=1, keepdim=True, dtype=torch.float64)
+    residual = residual * (1 + BOUND_SLACK) + floor
+    inputs = residual * rounded_proxy_norm + x_norm * (proxy_unit * proxy_norm + floor)
+    float32_sum = _gamma(dim, FLOAT32_UNIT) * (x_norm + residual) * rounded_proxy_norm
+    accumulation = 2 * (float32_sum + dim * torch.finfo(torch.float32).tiny)
+    relative = low_unit / (1 - low_unit)
+    scaled_error = inputs + accumulation + (1 + relative) * low_tiny
+    error = scaled_error + torch.ldexp(_dot_error(problem, 0.0), score_exponents)
+    return _Bound(error * (1 + BOUND_SLACK), relative * (1 + BOUND_SLACK))
+
+
+def _screening_dtype(precision: str, problem: _Screening, count: int) -> torch.dtype:
+    """The dtype the proxies are screened in: ``precision`` resolved for this device."""
+    x = problem.embeddings
+    if precision == "fp32":
+        return x.dtype
+    if precision == "auto":
+        return _fastest_screening(problem, count)
+    if x.device.type not in LOW_PRECISION_DEVICES:
+        raise ValueError(
+            f"precision={precision!r} is certified on {LOW_PRECISION_DEVICES} only (it needs "
+            f"GEMMs that sum in float32), got device {x.device.type!r}"
+        )
+    return LOW_PRECISIONS[precision]
+
+
+# The screening measured fastest per (device, dtype, shape, k): see ``_fastest_screening``.
+_FASTEST_SCREENING: dict[tuple, torch.dtype] = {}
+
+
+def _fastest_screening(problem: _Screening, count: int) -> torch.dtype:
+    """The screening dtype that selects fastest here, measured once per shape.
+
+    Every screening gives the same result, so the first call of a shape times each (one
+    warm-up and one timed run of the whole negative selection) and remembers the winner.
+    Below ``AUTO_MIN_MULTIPLY_ADDS`` (B * CN * d) the overheads dominate: compute dtype.
+    """
+    x, proxies = problem.embeddings, problem.proxies
+    work = x.shape[0] * proxies.shape[0] * x.shape[1]
+    if (
+        x.device.type not in LOW_PRECISION_DEVICES
+        or x.device.type == "meta"
+        or work < AUTO_MIN_MULTIPLY_ADDS
+        or torch.compiler.is_compiling()
+    ):
+        return x.dtype
+    key = (x.device, x.dtype, *x.shape, len(proxies), problem.excluded.shape[1], count)
+    if key not in _FASTEST_SCREENING:
+        candidates = (x.dtype, *LOW_PRECISIONS.values())
+        seconds = {dtype: _selection_seconds(problem, count, dtype) for dtype in candidates}
+        _FASTEST_SCREENING[key] = min(seconds, key=seconds.get)
+    return _FASTEST_SCREENING[key]
+
+
+def _selection_seconds(problem: _Screening, count: int, screening: torch.dtype) -> float:
+    synchronize = torch.cuda.synchronize if problem.embeddings.is_cuda else lambda: None
+    _select_negatives(problem, count, screening)  # warm-up: kernel set-up, first touches
+    synchronize()
+    start = time.perf_counter()
+    _select_negatives(problem, count, screening)
+    synchronize()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _float32_accumulation(device: torch.device):
+    """cuBLAS may reduce bf16 / fp16 GEMMs in low precision; the bound needs float32 sums."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = (
+        matmul.allow_bf16_reduced_precision_reduction,
+        matmul.allow_fp16_reduced_precision_reduction,
+    )
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        (
+            matmul.allow_bf16_reduced_precision_reduction,
+            matmul.allow_fp16_reduced_precision_reduction,
+        ) = saved
 
 
 def _weighted_bag_sums(

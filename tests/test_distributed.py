@@ -321,6 +321,13 @@ SYNTHETIC = {
         "weight_lambda": 0.0,
         "reducer": "none",
     },
+    "C10_N3_k7_certified_bf16": {
+        "num_classes": 10,
+        "proxies_per_class": 3,
+        "top_k": 7,
+        "weight_lambda": 0.0,
+        "selection_precision": "bf16",
+    },
     "C6_N4_k3_positives_only": {
         "num_classes": 6,
         "proxies_per_class": 4,

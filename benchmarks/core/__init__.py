@@ -1,8 +1,8 @@
 """The benchmark core: everything the benchmark scripts share.
 
 Imports flow one way: the scripts (``benchmarks/run.py``, ``loss_speed.py``, ``scale_checks.py``,
-``distributed_scaling.py``, ``build_dataset.py``) import this package, which imports the library
-(``pml_proxygml``) and never a script.
+``distributed_scaling.py``, ``selection_speed.py``, ``build_dataset.py``) import this package,
+which imports the library (``pml_proxygml``) and never a script.
 
 * :mod:`.recipes`: recipes as JSON data (``benchmarks/recipes/*.json``) and ``--set`` overrides;
 * :mod:`.registry`: one name per loss, shared by every script;

@@ -179,6 +179,14 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             regulariser; larger problems are processed block by block.
         selection_block_bytes: memory budget of one (batch, block) block of similarities
             during selection; more proxies are streamed block by block with a running top-k.
+        selection_precision: ``"fp32"`` (default): the proxies' GEMM in the compute dtype
+            ranks them (``functional.select_topk``). ``"bf16"``, ``"fp16"``: a certified
+            low-precision screening, exact candidates rescored (``functional.select_kept``),
+            for hardware whose low-precision GEMMs are faster; ``"auto"``: the fastest
+            certified screening here, the compute dtype's included, measured once per shape.
+            They keep the same proxies but for near-ties closer than the fp32 GEMM's own
+            rounding, which ``select_kept`` breaks one canonical way; with ``collect_stats``,
+            ``selection_fallback_rows`` counts the rows a certified screening redid.
         sparse_proxy_grad: give the proxies a sparse gradient holding only the rows some
             sample kept, for ``torch.optim.SparseAdam``: optimizer work and gradient memory
             then follow the B * k touched rows, not C * N. Needs ``weight_lambda=0`` and no
@@ -222,6 +230,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         regularizer_period: int | None = None,
         regularizer_block_elements: int = gml.DEFAULT_REGULARIZER_BLOCK_ELEMENTS,
         selection_block_bytes: int = gml.DEFAULT_SELECTION_BLOCK_BYTES,
+        selection_precision: str = "fp32",
         sparse_proxy_grad: bool = False,
         check_inputs: bool = True,
         **kwargs,
@@ -237,6 +246,11 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             _check_positive_int("regularizer_period", regularizer_period)
         _check_positive_int("regularizer_block_elements", regularizer_block_elements)
         _check_positive_int("selection_block_bytes", selection_block_bytes)
+        if selection_precision not in gml.SELECTION_PRECISIONS:
+            raise ValueError(
+                f"selection_precision must be one of {gml.SELECTION_PRECISIONS}, "
+                f"got {selection_precision!r}"
+            )
         if r is not None and not (_is_number(r) and 0 < r <= 1):
             raise ValueError(f"r must be in (0, 1], got {r!r}")
         if not (_is_number(weight_lambda) and 0 <= weight_lambda < math.inf):
@@ -261,6 +275,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         )
         self.regularizer_block_elements = int(regularizer_block_elements)
         self.selection_block_bytes = int(selection_block_bytes)
+        self.selection_precision = selection_precision
         self.sparse_proxy_grad = sparse_proxy_grad
         self.check_inputs = check_inputs
         if self.r is None and top_k is None:
@@ -275,7 +290,12 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             settings.append("r")
         self.add_to_recordable_attributes(list_of_names=settings, is_stat=False)
         self.add_to_recordable_attributes(
-            list_of_names=["avg_classes_per_subgraph", "proxy_reg_value"], is_stat=True
+            list_of_names=[
+                "avg_classes_per_subgraph",
+                "proxy_reg_value",
+                "selection_fallback_rows",
+            ],
+            is_stat=True,
         )
         self._warn_about_costly_or_degenerate_settings()
 
@@ -394,6 +414,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         (B, k) indices and similarities of each sample's kept proxies (plain top-k when
         ``labels`` is None). The opening of both ``compute_loss`` and ``get_logits``."""
         x, proxies = self._inputs_in_compute_dtype(embeddings)
+        if self.collect_stats:
+            self.selection_fallback_rows = 0  # the selection adds its own (``_select_top``)
         indices, values = self._select(x, proxies, labels)
         return x, proxies, indices, values
 
@@ -401,9 +423,29 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and similarities of the k proxies each sample keeps (no gradient)."""
-        return gml.select_topk(
-            x, proxies, labels, self.proxies_per_class, self.top_k, self.selection_block_bytes
+        return self._select_top(x, proxies, labels, self.top_k)
+
+    def _select_top(
+        self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor | None, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's positives and most similar negatives, k in all, by the selection
+        ``selection_precision`` names; a certified one adds its fallback rows to the stats."""
+        if self.selection_precision == "fp32":
+            return gml.select_topk(
+                x, proxies, labels, self.proxies_per_class, k, self.selection_block_bytes
+            )
+        selection = gml.select_kept(
+            x,
+            proxies,
+            labels,
+            self.proxies_per_class,
+            k,
+            self.selection_block_bytes,
+            self.selection_precision,
         )
+        if self.collect_stats:
+            self.selection_fallback_rows += selection.fallback_rows.item()
+        return selection.indices, selection.similarities
 
     def _kept_similarities(
         self, x: torch.Tensor, proxies: torch.Tensor, indices: torch.Tensor, values: torch.Tensor

@@ -1,0 +1,189 @@
+"""The certified selection in each screening precision, and the loss step it drives.
+
+Variants per shape, timed in one process in interleaved rounds (every variant once per
+round, ``--warmup`` rounds discarded), medians over ``--repeats`` rounds:
+
+* ``floor``: the forward-only ``F.normalize(X) @ F.normalize(P).T`` of the shape, as in
+  ``loss_speed`` and ``scale_checks targets``: the least any proxy loss pays.
+* ``select topk``: ``functional.select_topk``, the loss's default selection, on
+  normalised embeddings and the raw proxies (what the loss calls).
+* ``select <p>``: ``functional.select_kept`` in screening precision p, likewise, with the
+  rows it could not certify and, for ``auto``, what it chose (measured on its first call).
+* ``step <p>``: ``ProxyGMLLoss(..., weight_lambda=0, selection_precision=p)`` forward and
+  backward (``fp32``: the default, ``select_topk``; the others ``select_kept``),
+  embeddings and proxies requiring grad, their gradients set to None before each step as
+  ``optimizer.zero_grad()`` does.
+
+Shapes: SOP (C=11,318, N=1, d=512, r=0.05) at B=32 and 256; the emoji shape (B=32, C=818,
+N=12, d=128, k=491) and C=1,000, N=12, d=128, r=0.05, B=32 (issue 12); with ``--million``
+also 1,000,000 classes, N=1, d=512, B=256, top_k=1000 (2 GB of proxies, about 10 s a
+round on 2 cores). The ``select_kept`` screenings return the same (canonical) kept sets;
+``select_topk``'s differ from them only in near-ties below the fp32 GEMM's rounding.
+
+Run ``python -m benchmarks.selection_speed [--million]``; results go to ``--out`` (default
+``runs/selection_speed/``) as ``selection_speed[_million].{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pml_proxygml import ProxyGMLLoss
+from pml_proxygml import functional as gml
+
+from .core import cli, report
+from .core.measure import load_average
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch_size: int
+    classes: int
+    proxies_per_class: int
+    embedding_size: int
+    r: float = 0.05
+    top_k: int | None = None
+
+
+SHAPES = (
+    Shape("SOP B=32", 32, 11318, 1, 512),
+    Shape("SOP B=256", 256, 11318, 1, 512),
+    Shape("emoji B=32", 32, 818, 12, 128, top_k=491),
+    Shape("C=1000 N=12 B=32", 32, 1000, 12, 128),
+)
+MILLION = Shape("1M classes B=256", 256, 1_000_000, 1, 512, top_k=1000)
+
+
+def _variants(shape: Shape) -> dict[str, Callable[[], Any]]:
+    """name -> a callable timing one run; ``select`` ones return their Selection."""
+    generator = torch.Generator().manual_seed(0)
+    num_proxies = shape.classes * shape.proxies_per_class
+    embeddings = torch.randn(shape.batch_size, shape.embedding_size, generator=generator)
+    labels = torch.randint(0, shape.classes, (shape.batch_size,), generator=generator)
+    proxies = torch.randn(num_proxies, shape.embedding_size, generator=generator)
+    k = gml.num_selected(shape.r, shape.classes, shape.proxies_per_class, shape.top_k)
+    normalised = F.normalize(embeddings, dim=1)
+
+    def floor() -> None:
+        with torch.no_grad():
+            F.normalize(embeddings) @ F.normalize(proxies).T
+
+    variants: dict[str, Callable[[], Any]] = {
+        "floor": floor,
+        "select topk": lambda: gml.select_topk(
+            normalised, proxies, labels, shape.proxies_per_class, k
+        ),
+    }
+    for precision in (*PRECISIONS, "auto"):
+        variants[f"select {precision}"] = lambda p=precision: gml.select_kept(
+            normalised, proxies, labels, shape.proxies_per_class, k, precision=p
+        )
+    embeddings.requires_grad_()
+    with warnings.catch_warnings():  # costly-setting warnings: measured on purpose
+        warnings.simplefilter("ignore")
+        loss = ProxyGMLLoss(
+            shape.classes,
+            shape.embedding_size,
+            proxies_per_class=shape.proxies_per_class,
+            r=shape.r,
+            top_k=shape.top_k,
+            weight_lambda=0.0,
+        )
+    with torch.no_grad():
+        loss.proxies.copy_(proxies)
+
+    def step(precision: str) -> None:
+        loss.selection_precision = precision  # one loss: one copy of the proxies
+        embeddings.grad = loss.proxies.grad = None
+        loss(embeddings, labels).backward()
+
+    for precision in (*PRECISIONS, "auto"):
+        variants[f"step {precision}"] = lambda p=precision: step(p)
+    return variants
+
+
+def measure(shape: Shape, repeats: int, warmup: int) -> list[dict[str, Any]]:
+    variants = _variants(shape)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    fallbacks: dict[str, int] = {}
+    screened_in: dict[str, str] = {}
+    for round_ in range(warmup + repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            result = run()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                seconds[name].append(elapsed)
+            if isinstance(result, gml.Selection):
+                fallbacks[name] = fallbacks.get(name, 0) + int(result.fallback_rows)
+                screened_in[name] = str(result.screening).removeprefix("torch.")
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    return [
+        {
+            "shape": shape.name,
+            "variant": name,
+            "ms": median[name] * 1e3,
+            "x floor": median[name] / median["floor"],
+            "fallback rows": fallbacks.get(name),
+            "screened in": screened_in.get(name),
+        }
+        for name in variants
+    ]
+
+
+COLUMNS = {
+    "shape": "shape",
+    "variant": "variant",
+    "ms": "median ms",
+    "x floor": "x floor",
+    "fallback rows": "uncertified rows (all rounds)",
+    "screened in": "screened in",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], parents=[cli.common_flags("out")]
+    )
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--million", action="store_true", help="the 1M-class shape only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = report.command_line("benchmarks.selection_speed", argv)
+    environment = report.capture_environment("cpu", command)
+    environment["torch_threads"] = torch.get_num_threads()
+    shapes = (MILLION,) if args.million else SHAPES
+    rows = [row for shape in shapes for row in measure(shape, args.repeats, args.warmup)]
+    environment["load_average_at_end"] = load_average()
+    out = report.output_folder(args.out, "selection_speed")
+    out.mkdir(parents=True, exist_ok=True)
+    notes = __doc__.split("\n\n", 1)[1].rsplit("\n\nRun ", 1)[0] + (
+        "\n\nWall-clock times: other processes on the machine (see the load averages below)"
+        " slow every variant, unevenly. Compare ratios within one run only.\n"
+    )
+    stem = "selection_speed_million" if args.million else "selection_speed"
+    report.write_results(
+        out, stem, rows, environment, title="selection speed", columns=COLUMNS, notes=notes
+    )
+    print(report.markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/selection_speed.py on a tiny shape: every variant measured, results written."""
+
+import json
+
+from benchmarks import selection_speed
+
+
+def test_a_tiny_shape_gives_one_row_per_variant():
+    shape = selection_speed.Shape("tiny", 4, 30, 2, 8, top_k=7)
+    rows = selection_speed.measure(shape, repeats=1, warmup=0)
+    assert [row["variant"] for row in rows] == [
+        "floor",
+        "select topk",
+        *(f"select {p}" for p in ("fp32", "bf16", "fp16", "auto")),
+        *(f"step {p}" for p in ("fp32", "bf16", "fp16", "auto")),
+    ]
+    assert all(row["ms"] > 0 for row in rows) and rows[0]["x floor"] == 1
+    selections = {row["variant"]: row for row in rows if row["variant"].startswith("select")}
+    assert selections["select bf16"]["screened in"] == "bfloat16"
+    assert selections["select auto"]["screened in"] == "float32"  # too small to measure
+
+
+def test_main_writes_the_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(selection_speed, "SHAPES", (selection_speed.Shape("tiny", 4, 30, 2, 8),))
+    selection_speed.main(["--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "selection_speed.json").read_text())
+    assert len(results["rows"]) == 10 and "load_average_at_end" in results["environment"]
+    assert "Compare ratios within one run only" in (tmp_path / "selection_speed.md").read_text()
