@@ -432,3 +432,33 @@ def test_the_benchmark_meter_on_a_short_synthetic_run():
         < rows["cached m=4"]["adam_relative_error_mean"]
         < rows["lazy m=4"]["adam_relative_error_mean"]
     )
+
+
+@pytest.mark.parametrize(
+    "variant, estimator", [("proxygml_cached", "cached"), ("proxygml_lazy", "lazy")]
+)
+def test_cheaper_regulariser_losses_are_proxygml_with_their_estimator_in_every_recipe(
+    variant, estimator, capsys
+):
+    from benchmarks import run
+    from benchmarks.core import recipes, registry
+    from benchmarks.core.errors import RecipeError
+
+    for name in recipes.names():
+        recipe = recipes.load_recipe(name)
+        if "proxygml" not in recipe.losses:
+            with pytest.raises(RecipeError, match=f"no settings for loss '{variant}'"):
+                recipe.loss(variant)
+            continue
+        base, config = recipe.loss("proxygml"), recipe.loss(variant)
+        expected = {**base.settings, "regularizer_estimator": estimator, "regularizer_period": 16}
+        assert config.settings == expected
+        assert (config.optimizer, config.source) == (base.optimizer, base.source)
+        assert recipe.plan(variant, 0) == recipe.plan("proxygml", 0)
+        assert variant not in recipe.losses_to_run
+    settings = recipes.load_recipe("emoji").loss(variant).settings
+    loss = registry.build_loss(variant, 10, 8, settings)
+    assert (loss.regularizer_estimator, loss.regularizer_period) == (estimator, 16)
+    assert (loss.proxies_per_class, loss.r, loss.weight_lambda) == (12, 0.05, 0.3)
+    assert run.main(["--recipe", "emoji", "--loss", variant, "--show"]) == 0
+    assert "proxygml" in capsys.readouterr().out
