@@ -1,9 +1,10 @@
 """ProxyGML's cheaper regulariser estimators: cost per step and gradient error, measured.
 
-``python -m benchmarks.regularizer_estimators`` measures, at the emoji shape (C=818, N=12,
-d=128) and the SOP shape (C=11,318, N=1, d=512), batch 32, lambda 0.3, for each
-``regularizer_estimator`` setting of ``ProxyGMLLoss`` (and two row samplers measured here
-only, to decide against them):
+``python -m benchmarks.regularizer_estimators`` measures, at the ProxyGML shapes of two
+recipes (``benchmarks/recipes``), ``emoji`` (its C=818 training classes, N=12, d=128) and
+``sop_512`` (C=11,318, N=1, d=512), each with its recipe's batch size (32) and r (0.05) and
+the emoji recipe's lambda (0.3), for each ``regularizer_estimator`` setting of
+``ProxyGMLLoss`` (and two row samplers measured here only, to decide against them):
 
 * **cost**: the loss step (forward + backward) in ms, averaged over whole periods of the
   estimator (one exact refresh and m - 1 cheap steps), in interleaved rounds, median over the
@@ -19,32 +20,37 @@ only, to decide against them):
 
 Trajectories:
 
-* emoji: a real run, the emoji benchmark's ProxyGML training (``benchmarks.emoji``: its
-  recipe, models and dataset; seed 0) for the first ``--epochs`` epochs, with the exact
-  regulariser. Its loss is ``ProxyGMLLoss`` with lambda 0 plus lambda times the exact
-  regulariser (``functional.linearized_regularizer`` around the current proxies: value and
-  gradient exact), which is the exact ProxyGML loss with its regulariser's value and
-  gradient at hand for the comparison.
-* SOP shape: no SOP data here, so a synthetic run: the official SOP proxy optimizer (Adam
-  lr 0.3, eps 0.01, weight decay 1e-4) trains the officially initialised proxies with the
-  exact regulariser (lambda 0.3, the CUB/Cars weight: the official SOP recipe uses 0) on
-  embeddings of fixed random class centres plus noise, 32 distinct classes a batch, for the
-  first ``--sop-steps`` steps.
+* emoji: a real run, the emoji recipe's ProxyGML training (its models, dataset, optimizers
+  and schedule, built by ``benchmarks.core`` as ``benchmarks.run`` builds them; seed 0) for
+  the first ``--epochs`` epochs, with the exact regulariser. Its loss is ``ProxyGMLLoss``
+  with lambda 0 plus lambda times the exact regulariser (``functional.linearized_regularizer``
+  around the current proxies: value and gradient exact), which is the exact ProxyGML loss
+  with its regulariser's value and gradient at hand for the comparison.
+* SOP shape: no SOP data here, so a synthetic run: the SOP recipe's proxy optimizer (the
+  official one: Adam lr 0.3, eps 0.01, weight decay 1e-4) trains the officially initialised
+  proxies with the exact regulariser (lambda 0.3, the CUB/Cars weight: the official SOP
+  recipe uses 0) on embeddings of fixed random class centres plus noise, 32 distinct classes
+  a batch, for the first ``--sop-steps`` steps.
 
 The per-step estimators here reuse ``functional``'s building blocks and the loss's schedule
 (the exact regulariser on steps 0, m, 2m, ...); ``tests/test_regularizer_estimators.py``
 checks that they apply what ``ProxyGMLLoss`` applies.
 
-Outputs in ``--out``: ``results.json`` and ``results.md``. Timings come from whatever machine
-runs it; on a shared machine they are indicative (the load average says how shared).
+``--recipe`` and ``--sop-recipe`` take another recipe name or a ``.json`` recipe file (a tiny
+one runs the whole script in seconds). Outputs in ``--out`` (default
+``runs/regularizer_estimators/``; the committed results: ``--out
+benchmarks/results/regularizer_estimators``): ``results.json`` and ``results.md``. Timings
+come from whatever machine runs it; on a shared machine they are indicative (the load average
+says how shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,28 +64,47 @@ import torch.nn.functional as F
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
-from . import emoji, reporting, training
-from .datasets import emoji as emoji_data
+from .core import cli, datasets, harness, measure, models, recipes, registry, report
+from .core.errors import RecipeError
+from .core.harness import OptimizerSpec
 
-DEFAULT_OUT = reporting.REPO_ROOT / "benchmarks" / "results" / "regularizer_estimators"
-BATCH_SIZE = emoji.BATCH_SIZE
-WEIGHT_LAMBDA = emoji.PROXYGML_KWARGS["weight_lambda"]
-R = emoji.PROXYGML_KWARGS["r"]
-SOP_PROXY_OPTIMIZER = training.OptimizerSpec("adam", 0.3, 1e-4, eps=0.01)  # official SOP
 SYNTHETIC_NOISE = 1.0  # embedding = normalize(centre + noise * N(0, I/d)): cosine ~0.7
 WARMUP_PERIOD = 32
 
 
 @dataclass(frozen=True)
 class Shape:
+    """Where a measurement runs: ProxyGML's size, the batch size, r and lambda."""
+
     name: str
     num_classes: int
     proxies_per_class: int
     embedding_size: int
+    batch_size: int
+    r: float
+    weight_lambda: float
+
+    @classmethod
+    def of(cls, recipe: recipes.Recipe, num_classes: int, weight_lambda: float) -> Shape:
+        """ProxyGML's shape under ``recipe`` with ``num_classes`` classes."""
+        settings = recipe.loss("proxygml").settings
+        return cls(
+            recipe.dataset.name,
+            num_classes,
+            settings["proxies_per_class"],
+            recipe.model.embedding_size,
+            recipe.train.batch_size,
+            settings["r"],
+            weight_lambda,
+        )
 
 
-EMOJI = Shape("emoji", 818, 12, 128)
-SOP = Shape("sop", 11318, 1, 512)
+def proxygml_loss(shape: Shape, **kwargs: Any) -> ProxyGMLLoss:
+    """ProxyGML at ``shape`` (its r) with ``kwargs`` (lambda, estimator)."""
+    return ProxyGMLLoss(
+        shape.num_classes, shape.embedding_size, shape.proxies_per_class, r=shape.r, **kwargs
+    )
+
 
 # Row samplers measured here only (stratified: samples // C rows of every class; whole
 # classes: samples // N classes with all their proxies), against "uniform" at equal rows.
@@ -106,10 +131,10 @@ class Setting:
     def is_loss_option(self) -> bool:
         return self.estimator not in EXTRA_SAMPLERS
 
-    def loss_kwargs(self) -> dict[str, Any]:
+    def loss_kwargs(self, weight_lambda: float) -> dict[str, Any]:
         if self.estimator == "none":
             return {"weight_lambda": 0.0}
-        kwargs: dict[str, Any] = {"weight_lambda": WEIGHT_LAMBDA}
+        kwargs: dict[str, Any] = {"weight_lambda": weight_lambda}
         kwargs["regularizer_estimator"] = self.estimator
         if self.period is not None:
             kwargs["regularizer_period"] = self.period
@@ -280,7 +305,7 @@ class ErrorMeter:
             applied = self.applied[setting](self.step, proxies, exact)
             if setting not in self.shadows:
                 self.shadows[setting] = ShadowAdam(self.make_optimizer, proxies, self.initial_state)
-            gradient = classification_gradient + WEIGHT_LAMBDA * applied
+            gradient = classification_gradient + self.shape.weight_lambda * applied
             self._updates[setting] = self.shadows[setting].update(proxies, gradient, lr)
             self.records[setting].append(
                 {
@@ -352,7 +377,7 @@ def exact_step(
 ) -> float:
     """One training step of exact ProxyGML (``loss`` has lambda 0; the regulariser is added
     here, exactly), with the meter's measurements around the proxies' update."""
-    proxies = loss.proxies
+    proxies, weight_lambda = loss.proxies, meter.shape.weight_lambda
     unit = F.normalize(proxies.detach(), dim=1)
     value, unit_gradient = gml.regularizer_value_and_gradient(
         unit, loss.proxies_per_class, loss.regularizer_block_elements
@@ -360,12 +385,12 @@ def exact_step(
     for optimizer in optimizers:
         optimizer.zero_grad()
     regularizer = gml.linearized_regularizer(proxies, unit, value, unit_gradient)
-    total = loss(embeddings, labels) + WEIGHT_LAMBDA * regularizer
+    total = loss(embeddings, labels) + weight_lambda * regularizer
     total.backward()
     exact = Exact(unit, value, unit_gradient, through_normalization(proxies, unit_gradient))
     before = proxies.detach().clone()
     lr = proxy_optimizer.param_groups[0]["lr"]
-    meter.before_step(before, exact, proxies.grad - WEIGHT_LAMBDA * exact.gradient, lr, phase)
+    meter.before_step(before, exact, proxies.grad - weight_lambda * exact.gradient, lr, phase)
     for optimizer in optimizers:
         optimizer.step()
     meter.after_step(proxies.detach() - before)
@@ -373,33 +398,28 @@ def exact_step(
 
 
 def emoji_trajectory(
-    settings: Sequence[Setting], data: Path, epochs: int, seed: int
+    settings: Sequence[Setting],
+    shape: Shape,
+    recipe: recipes.Recipe,
+    splits: datasets.Splits,
+    epochs: int,
+    seed: int,
 ) -> tuple[ErrorMeter, dict[str, Any]]:
-    """The emoji benchmark's ProxyGML training, first ``epochs`` epochs, measured."""
-    train_set = emoji_data.EmojiDataset(data, "train", augment=True, normalize=True, seed=seed)
-    num_classes = training.num_classes(train_set)
-    recipe = emoji.make_recipe(
-        "proxygml", lr=emoji.BACKBONE_LR, epochs=emoji.EPOCHS, batch_size=BATCH_SIZE, seed=seed
-    )
-    training.seed_everything(seed)  # as the benchmark: models, then proxies
-    trunk, embedder = emoji.build_models(emoji.EMBEDDING_SIZE)
-    loss = ProxyGMLLoss(
-        num_classes, emoji.EMBEDDING_SIZE, **{**emoji.PROXYGML_KWARGS, "weight_lambda": 0.0}
-    )
-    shape = Shape(
-        EMOJI.name, num_classes, loss.proxies_per_class, emoji.EMBEDDING_SIZE
-    )  # the train split's classes
-    backbone = recipe.backbone.build([*trunk.parameters(), *embedder.parameters()])
-    proxy_optimizer = recipe.loss.build(loss.parameters())
-    optimizers = [backbone, proxy_optimizer]
-    schedulers = [
-        torch.optim.lr_scheduler.MultiStepLR(o, list(recipe.milestones), recipe.gamma)
-        for o in optimizers
-    ]
-    meter = ErrorMeter(settings, shape, recipe.loss.build, seed)
+    """The recipe's ProxyGML training on ``splits``, first ``epochs`` epochs, measured."""
+    pixels = models.BACKBONES[recipe.model.backbone].pixels
+    train_set, _ = splits.datasets(recipe.data, pixels, seed)
+    plan = recipe.plan("proxygml", seed)
+    harness.seed_everything(seed)  # as the benchmark runner: models, then proxies
+    trunk, embedder = models.build_models(**dataclasses.asdict(recipe.model))
+    loss_settings = {**recipe.loss("proxygml").settings, "weight_lambda": 0.0}
+    loss = registry.build_loss("proxygml", shape.num_classes, shape.embedding_size, loss_settings)
+    state = harness.TrainingState.build(trunk, embedder, loss, plan, "cpu")
+    optimizers = list(state.optimizers.values())
+    proxy_optimizer = state.optimizers["metric_loss_optimizer"]
+    meter = ErrorMeter(settings, shape, plan.loss_optimizer.build, seed)
     loader = torch.utils.data.DataLoader(
         train_set,
-        batch_size=BATCH_SIZE,
+        batch_size=shape.batch_size,
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
@@ -422,24 +442,30 @@ def emoji_trajectory(
             for images, labels in loader
         ]
         epoch_losses.append(statistics.fmean(values))
-        for scheduler in schedulers:
+        for scheduler in state.schedulers.values():
             scheduler.step()
         print(f"emoji epoch {epoch}/{epochs}: mean loss {epoch_losses[-1]:.4f}", flush=True)
     description = {
         "kind": "real run",
-        "what": "benchmarks.emoji's ProxyGML training (recipe, models, dataset), exact "
-        f"regulariser, seed {seed}, epochs 1-{epochs} of {recipe.epochs}",
+        "what": f"the {recipe.name} recipe's ProxyGML training (models, dataset, optimizers, "
+        f"schedule), exact regulariser, seed {seed}, epochs 1-{epochs} of {plan.epochs}",
         "steps": meter.step,
         "mean_loss_per_epoch": epoch_losses,
-        "proxy_optimizer": vars(recipe.loss),
+        "proxy_optimizer": vars(plan.loss_optimizer),
     }
     return meter, description
 
 
 def synthetic_trajectory(
-    settings: Sequence[Setting], shape: Shape, steps: int, warmup: int, seed: int
+    settings: Sequence[Setting],
+    shape: Shape,
+    proxy_optimizer: OptimizerSpec,
+    steps: int,
+    warmup: int,
+    seed: int,
 ) -> tuple[ErrorMeter, dict[str, Any]]:
-    """Proxies alone trained on synthetic clustered embeddings: ``warmup`` steps of lazy
+    """Proxies alone, trained by ``proxy_optimizer`` on synthetic clustered embeddings:
+    ``warmup`` steps of lazy
     ProxyGML (period ``WARMUP_PERIOD``: the exact regulariser is what makes this run slow),
     then ``steps`` measured steps of exact ProxyGML.
 
@@ -453,19 +479,17 @@ def synthetic_trajectory(
     )
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        classes = torch.randperm(shape.num_classes, generator=generator)[:BATCH_SIZE]
+        classes = torch.randperm(shape.num_classes, generator=generator)[: shape.batch_size]
         noise = torch.randn(len(classes), shape.embedding_size, generator=generator)
         scale = SYNTHETIC_NOISE / math.sqrt(shape.embedding_size)
         return F.normalize(centres[classes] + scale * noise, dim=1), classes
 
-    torch.manual_seed(seed)
-    sizes = (shape.num_classes, shape.embedding_size, shape.proxies_per_class)
-    loss = ProxyGMLLoss(*sizes, r=R, weight_lambda=0.0)
-    optimizer = SOP_PROXY_OPTIMIZER.build(loss.parameters())
-    warmup_loss = ProxyGMLLoss(
-        *sizes,
-        r=R,
-        weight_lambda=WEIGHT_LAMBDA,
+    harness.seed_everything(seed)
+    loss = proxygml_loss(shape, weight_lambda=0.0)
+    optimizer = proxy_optimizer.build(loss.parameters())
+    warmup_loss = proxygml_loss(
+        shape,
+        weight_lambda=shape.weight_lambda,
         regularizer_estimator="lazy",
         regularizer_period=WARMUP_PERIOD,
     )
@@ -475,21 +499,20 @@ def synthetic_trajectory(
         warmup_loss(*batch()).backward()
         optimizer.step()
     # The shadows start from the proxies' Adam state, as the real optimizer's next step does.
-    meter = ErrorMeter(
-        settings, shape, SOP_PROXY_OPTIMIZER.build, seed, optimizer.state[loss.proxies]
-    )
+    meter = ErrorMeter(settings, shape, proxy_optimizer.build, seed, optimizer.state[loss.proxies])
     for step in range(steps):
         exact_step(loss, *batch(), [optimizer], optimizer, meter, "all")
         print(f"{shape.name} step {step + 1}/{steps}", flush=True)
     description = {
         "kind": "synthetic run",
         "what": f"proxies alone trained from the official initialisation on fixed random unit "
-        f"class centres + noise {SYNTHETIC_NOISE}/sqrt(d), {BATCH_SIZE} distinct classes a "
-        f"batch (lambda {WEIGHT_LAMBDA}): {warmup} steps of lazy ProxyGML (m={WARMUP_PERIOD}), "
+        f"class centres + noise {SYNTHETIC_NOISE}/sqrt(d), {shape.batch_size} distinct classes "
+        f"a batch (lambda {shape.weight_lambda}): {warmup} steps of lazy ProxyGML "
+        f"(m={WARMUP_PERIOD}), "
         f"then steps {warmup + 1}-{warmup + steps} with the exact regulariser, measured; "
         f"seed {seed}",
         "steps": meter.step,
-        "proxy_optimizer": vars(SOP_PROXY_OPTIMIZER),
+        "proxy_optimizer": vars(proxy_optimizer),
     }
     return meter, description
 
@@ -506,35 +529,31 @@ def time_settings(
     exact_steps_per_round: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """ms per loss step (forward + backward, batch 32) of each setting; rounds interleave
-    the settings, each running one period of a periodic estimator, ``exact_steps_per_round``
-    exact steps or ``steps_per_round`` steps of the others; medians over rounds."""
+    """ms per loss step (forward + backward, the shape's batch) of each setting; rounds
+    interleave the settings, each running one period of a periodic estimator,
+    ``exact_steps_per_round`` exact steps or ``steps_per_round`` steps of the others; medians
+    over rounds."""
     generator = torch.Generator().manual_seed(seed)
     embeddings = F.normalize(
-        torch.randn(BATCH_SIZE, shape.embedding_size, generator=generator), dim=1
+        torch.randn(shape.batch_size, shape.embedding_size, generator=generator), dim=1
     ).requires_grad_()
-    labels = torch.randint(0, shape.num_classes, (BATCH_SIZE,), generator=generator)
+    labels = torch.randint(0, shape.num_classes, (shape.batch_size,), generator=generator)
     losses = {}
     for setting in settings:
-        loss = ProxyGMLLoss(
-            shape.num_classes,
-            shape.embedding_size,
-            shape.proxies_per_class,
-            r=R,
-            **setting.loss_kwargs(),
-        )
+        loss = proxygml_loss(shape, **setting.loss_kwargs(shape.weight_lambda))
         with torch.no_grad():
             loss.proxies.copy_(proxies)
         losses[setting] = loss
 
     def run(setting: Setting, steps: int) -> list[float]:
-        times = []
-        for _ in range(steps):
-            embeddings.grad = losses[setting].proxies.grad = None
-            tick = time.perf_counter()
-            losses[setting](embeddings, labels).backward()
-            times.append(time.perf_counter() - tick)
-        return times
+        """Seconds of each of ``steps`` consecutive steps (gradients cleared untimed)."""
+        loss = losses[setting]
+
+        def clear() -> None:
+            embeddings.grad = loss.proxies.grad = None
+
+        step = {setting.name: lambda: loss(embeddings, labels).backward()}
+        return measure.time_steps(step, repeats=steps, warmup=0, before=clear)[setting.name]
 
     def steps(setting: Setting) -> int:
         if setting.period is not None:
@@ -548,7 +567,7 @@ def time_settings(
     for _ in range(rounds):
         for setting in settings:
             samples[setting].append(run(setting, steps(setting)))
-        loads.append(os.getloadavg()[0])
+        loads.append(measure.load_average()[0])
     rows = []
     for setting in settings:
         per_round = samples[setting]
@@ -612,26 +631,37 @@ def shape_table(timing: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
         "adam_cosine": "Adam-update cosine",
         "adam_relative_error": "Adam-update rel. error",
     }
-    return reporting.markdown_table(rows, columns)
+    return report.markdown_table(rows, columns)
 
 
 def _cost_cells(row: dict[str, Any]) -> dict[str, Any]:
     return {"ms": row["ms_per_step"], "x_exact": row["x_exact"], "x_floor": row["x_floor"]}
 
 
-def measure_shape(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_shape(
+    shape_name: str, args: argparse.Namespace, recipe: recipes.Recipe, sop_recipe: recipes.Recipe
+) -> dict[str, Any]:
     """Trajectory errors, then timings at the trajectory's last proxies."""
-    shape = EMOJI if shape_name == "emoji" else SOP
-    settings = settings_for(shape)
-    tick = time.perf_counter()
+    weight_lambda = recipe.loss("proxygml").settings["weight_lambda"]
     if shape_name == "emoji":
+        splits = datasets.open_splits(recipe.dataset, args.data_root)
+        shape = Shape.of(recipe, splits.train.num_classes, weight_lambda)
+        settings = settings_for(shape)
+        tick = time.perf_counter()
         meter, trajectory = emoji_trajectory(
-            settings, emoji.ensure_dataset(args.data), args.epochs, args.seed
+            settings, shape, recipe, splits, args.epochs, args.seed
         )
         phases = [None, f"epoch {args.epochs}"]
     else:
+        classes = sop_recipe.dataset.train_classes
+        if classes is None:
+            raise RecipeError(f"{sop_recipe.name}: the SOP shape needs dataset.train_classes")
+        shape = Shape.of(sop_recipe, classes, weight_lambda)
+        settings = settings_for(shape)
+        proxy_optimizer = sop_recipe.plan("proxygml", args.seed).loss_optimizer
+        tick = time.perf_counter()
         meter, trajectory = synthetic_trajectory(
-            settings, shape, args.sop_steps, args.sop_warmup, args.seed
+            settings, shape, proxy_optimizer, args.sop_steps, args.sop_warmup, args.seed
         )
         phases = [None]
     trajectory["seconds"] = time.perf_counter() - tick
@@ -639,7 +669,7 @@ def measure_shape(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
     emoji_shape = shape_name == "emoji"
     timing = time_settings(
         timed_settings(settings, shape),
-        meter.shape,
+        shape,
         meter.proxies,
         rounds=args.emoji_rounds if emoji_shape else args.sop_rounds,
         steps_per_round=16,
@@ -647,10 +677,8 @@ def measure_shape(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     result = {
-        "shape": vars(meter.shape),
-        "batch_size": BATCH_SIZE,
-        "k": gml.num_selected(R, meter.shape.num_classes, meter.shape.proxies_per_class),
-        "weight_lambda": WEIGHT_LAMBDA,
+        "shape": vars(shape),
+        "k": gml.num_selected(shape.r, shape.num_classes, shape.proxies_per_class),
         "trajectory": trajectory,
         "timing": timing,
         "errors": errors,
@@ -677,7 +705,7 @@ def second_moment_notes(moments: dict[str, float]) -> str:
 
 def notes(results: dict[str, Any]) -> str:
     lines = [
-        "Per estimator: loss step cost (forward + backward, batch 32, lambda 0.3; median over "
+        "Per estimator: loss step cost (forward + backward; median over "
         "interleaved rounds of the mean over whole periods) and, along a trajectory, the "
         "error of the regulariser gradient it applies at each step against the exact one "
         "(cosine and |a - g| / |g|, mean ± std over steps; p10 = 10th percentile of the "
@@ -693,7 +721,8 @@ def notes(results: dict[str, Any]) -> str:
         trajectory = result["trajectory"]
         lines.append(
             f"- **{name}** (C={shape['num_classes']}, N={shape['proxies_per_class']}, "
-            f"d={shape['embedding_size']}, k={result['k']}): {trajectory['kind']}, "
+            f"d={shape['embedding_size']}, k={result['k']}, batch {shape['batch_size']}, "
+            f"lambda {shape['weight_lambda']}): {trajectory['kind']}, "
             f"{trajectory['what']}; {trajectory['steps']} steps."
         )
     return "\n".join(lines) + "\n"
@@ -701,8 +730,8 @@ def notes(results: dict[str, Any]) -> str:
 
 def write_results(results: dict[str, Any], out: Path, environment: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    environment["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    reporting.write_json(out / "results.json", [], environment, extra={"shapes": results})
+    environment["load_average_at_end"] = measure.load_average()
+    report.write_json(out / "results.json", [], environment, extra={"shapes": results})
     sections = []
     for name, result in results.items():
         errors = result["errors"]
@@ -716,7 +745,7 @@ def write_results(results: dict[str, Any], out: Path, environment: dict[str, Any
         load = result["timing"][-1]["ms_per_step"]
         sections.append(f"\nHighest 1-minute load average during the {name} timing: {load:.2f}.\n")
         sections.append(second_moment_notes(result["adam_second_moments"]))
-    reporting.write_markdown(
+    report.write_markdown(
         out / "results.md",
         "ProxyGML regulariser estimators: cost and gradient error",
         "\n".join(sections),
@@ -729,8 +758,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.regularizer_estimators",
         description="Cost and gradient error of ProxyGML's regulariser estimators.",
+        parents=[cli.common_flags("out", "data_root")],
     )
     parser.add_argument("--shapes", nargs="+", choices=["emoji", "sop"], default=["emoji", "sop"])
+    parser.add_argument(
+        "--recipe",
+        default="emoji",
+        help="the emoji run's recipe, a name or a .json file (its lambda is every shape's)",
+    )
+    parser.add_argument(
+        "--sop-recipe", default="sop_512", help="the SOP shape's recipe, a name or a .json file"
+    )
     parser.add_argument("--epochs", type=int, default=2, help="emoji trajectory epochs")
     parser.add_argument("--sop-steps", type=int, default=16, help="SOP-shape measured steps")
     parser.add_argument(
@@ -739,21 +777,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--emoji-rounds", type=int, default=5, help="timing rounds, emoji")
     parser.add_argument("--sop-rounds", type=int, default=3, help="timing rounds, SOP shape")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=emoji.DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    environment = reporting.capture_environment("cpu")
+def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    recipe = recipes.load_recipe(args.recipe)
+    sop_recipe = recipes.load_recipe(args.sop_recipe)
+    out = report.output_folder(args.out, "regularizer_estimators")
+    command = report.command_line("benchmarks.regularizer_estimators", argv)
+    environment = report.capture_environment("cpu", command)
     environment["torch_threads"] = torch.get_num_threads()
     start = time.perf_counter()
-    results = {name: measure_shape(name, args) for name in args.shapes}
+    results = {name: measure_shape(name, args, recipe, sop_recipe) for name in args.shapes}
     environment["wall_seconds"] = round(time.perf_counter() - start)
-    write_results(results, args.out, environment)
-    print(f"results in {args.out}")
+    write_results(results, out, environment)
+    print(f"results in {report.relative(out)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    with cli.report_errors():
+        run(args, argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

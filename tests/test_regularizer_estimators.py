@@ -398,9 +398,9 @@ def test_the_benchmark_measures_the_gradient_the_loss_applies(estimator, period)
     from benchmarks import regularizer_estimators as bench
 
     setting = bench.Setting(estimator, period, 5 if estimator == "svrg" else None)
-    kwargs = setting.loss_kwargs() | {"weight_lambda": LAMBDA}
-    loss = ProxyGMLLoss(C, D, N, top_k=5, **kwargs).double()
-    applied = bench.AppliedGradient(setting, bench.Shape("tiny", C, N, D), seed=0)
+    loss = ProxyGMLLoss(C, D, N, top_k=5, **setting.loss_kwargs(LAMBDA)).double()
+    shape = bench.Shape("tiny", C, N, D, batch_size=B, r=0.05, weight_lambda=LAMBDA)
+    applied = bench.AppliedGradient(setting, shape, seed=0)
     for step in range(7):
         raw = random_proxies(50 + step)
         set_proxies(loss, raw)
@@ -416,10 +416,13 @@ def test_the_benchmark_measures_the_gradient_the_loss_applies(estimator, period)
 def test_the_benchmark_meter_on_a_short_synthetic_run():
     """Exact gives the real Adam update; lazy's cosine is 1 on a period's first step, else 0."""
     from benchmarks import regularizer_estimators as bench
+    from benchmarks.core import recipes
 
     settings = [bench.Setting("exact"), bench.Setting("lazy", 4), bench.Setting("cached", 4)]
+    shape = bench.Shape("tiny", 20, 2, 8, batch_size=32, r=0.05, weight_lambda=0.3)
+    sop_optimizer = recipes.load_recipe("sop_512").plan("proxygml", 0).loss_optimizer
     meter, trajectory = bench.synthetic_trajectory(
-        settings, bench.Shape("tiny", 20, 2, 8), 8, warmup=3, seed=0
+        settings, shape, sop_optimizer, 8, warmup=3, seed=0
     )
     rows = {row["setting"]: row for row in meter.summary([None])}
     assert trajectory["steps"] == 8
@@ -432,3 +435,86 @@ def test_the_benchmark_meter_on_a_short_synthetic_run():
         < rows["cached m=4"]["adam_relative_error_mean"]
         < rows["lazy m=4"]["adam_relative_error_mean"]
     )
+
+
+@pytest.mark.parametrize(
+    "variant, estimator", [("proxygml_cached", "cached"), ("proxygml_lazy", "lazy")]
+)
+def test_cheaper_regulariser_losses_are_proxygml_with_their_estimator_in_every_recipe(
+    variant, estimator, capsys
+):
+    from benchmarks import run
+    from benchmarks.core import recipes, registry
+    from benchmarks.core.errors import RecipeError
+
+    for name in recipes.names():
+        recipe = recipes.load_recipe(name)
+        if "proxygml" not in recipe.losses:
+            with pytest.raises(RecipeError, match=f"no settings for loss '{variant}'"):
+                recipe.loss(variant)
+            continue
+        base, config = recipe.loss("proxygml"), recipe.loss(variant)
+        expected = {**base.settings, "regularizer_estimator": estimator, "regularizer_period": 16}
+        assert config.settings == expected
+        assert (config.optimizer, config.source) == (base.optimizer, base.source)
+        assert recipe.plan(variant, 0) == recipe.plan("proxygml", 0)
+        assert variant not in recipe.losses_to_run
+    settings = recipes.load_recipe("emoji").loss(variant).settings
+    loss = registry.build_loss(variant, 10, 8, settings)
+    assert (loss.regularizer_estimator, loss.regularizer_period) == (estimator, 16)
+    assert (loss.proxies_per_class, loss.r, loss.weight_lambda) == (12, 0.05, 0.3)
+    assert run.main(["--recipe", "emoji", "--loss", variant, "--show"]) == 0
+    assert "proxygml" in capsys.readouterr().out
+
+
+def test_the_benchmark_runs_end_to_end_on_tiny_recipes(tmp_path, capsys):
+    """The whole script on fake emoji data and tiny recipes that extend the shipped ones."""
+    import json
+
+    from benchmarks import regularizer_estimators as bench
+    from tests.benchmarks.fakes import write_fake_emoji
+
+    data = write_fake_emoji(tmp_path / "emoji")  # 4 training classes of 3 images
+    tiny_emoji = {
+        "extends": "emoji",
+        "data": {"resize": 12, "crop": 12},
+        "model": {"embedding_size": 8},
+        "train": {"batch_size": 4},
+        "losses": {"proxygml": {"settings": {"proxies_per_class": 2, "r": 0.5}}},
+    }
+    tiny_sop = {
+        "extends": "sop_512",
+        "dataset": {"train_classes": 20},
+        "model": {"embedding_size": 8},
+    }
+    for name, recipe in (("tiny_emoji", tiny_emoji), ("tiny_sop", tiny_sop)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(recipe))
+    out = tmp_path / "out"
+    argv = [
+        *("--recipe", str(tmp_path / "tiny_emoji.json"), "--data-root", str(data)),
+        *("--sop-recipe", str(tmp_path / "tiny_sop.json"), "--out", str(out)),
+        *("--epochs", "1", "--sop-steps", "4", "--sop-warmup", "2"),
+        *("--emoji-rounds", "1", "--sop-rounds", "1"),
+    ]
+    assert bench.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    emoji, sop = results["shapes"]["emoji"], results["shapes"]["sop"]
+    assert emoji["shape"] == {
+        "name": "emoji",
+        "num_classes": 4,
+        "proxies_per_class": 2,
+        "embedding_size": 8,
+        "batch_size": 4,
+        "r": 0.5,
+        "weight_lambda": 0.3,
+    }
+    assert emoji["trajectory"]["steps"] == 3 and sop["trajectory"]["steps"] == 4
+    assert sop["shape"]["num_classes"] == 20 and sop["shape"]["proxies_per_class"] == 1
+    assert sop["trajectory"]["proxy_optimizer"]["lr"] == 0.3
+    for result in (emoji, sop):
+        exact = next(e for e in result["errors"] if e["setting"] == "exact")
+        assert exact["cosine_mean"] == pytest.approx(1.0)
+        timed = {row["setting"] for row in result["timing"]}
+        assert {"none", "exact", "cached m=16"} <= timed
+    assert results["environment"]["command"].startswith("python -m benchmarks.regularizer_")
+    assert "## sop: all 4 steps" in (out / "results.md").read_text()

@@ -205,12 +205,18 @@ class Recipe:
                 raise RecipeError(f"{name} needs train.loss_optimizer or losses.{name}.optimizer")
 
     def loss(self, name: str) -> LossConfig:
-        if name not in self.losses:
-            raise RecipeError(
-                f"recipe {self.name!r} has no settings for loss {name!r}; it defines "
-                f"{', '.join(self.losses)}"
-            )
-        return self.losses[name]
+        """``losses.<name>``; for a registry variant the recipe does not name, the entry of the
+        loss it varies, with the variant's settings added."""
+        if name in self.losses:
+            return self.losses[name]
+        spec = registry.LOSSES.get(name)
+        if spec is not None and spec.variant_of in self.losses:
+            base = self.losses[spec.variant_of]
+            return dataclasses.replace(base, settings={**base.settings, **spec.settings})
+        raise RecipeError(
+            f"recipe {self.name!r} has no settings for loss {name!r}; it defines "
+            f"{', '.join(self.losses)}"
+        )
 
     @property
     def losses_to_run(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ with one addition for SoftTriple: ``tau``, the weight of its centre regulariser,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,14 +74,33 @@ def softtriple_loss(
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A loss: its table label and its constructor ``(num_classes, embedding_size, **settings)``."""
+    """A loss: its table label and its constructor ``(num_classes, embedding_size, **settings)``.
+
+    A variant (``variant_of``) is another loss with some settings fixed: in a recipe that does
+    not name it, it takes that loss's entry (settings, optimizer) with ``settings`` added, so
+    it stays identical to it in every recipe but for them.
+    """
 
     label: str
     build: Callable[..., BaseMetricLossFunction]
+    variant_of: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ProxyGML with a cheaper regulariser (benchmarks/regularizer_estimators.py measured them).
+def _proxygml_regularizer(estimator: str) -> LossSpec:
+    return LossSpec(
+        f"ProxyGML ({estimator} regulariser)",
+        ProxyGMLLoss,
+        variant_of="proxygml",
+        settings={"regularizer_estimator": estimator, "regularizer_period": 16},
+    )
 
 
 LOSSES: dict[str, LossSpec] = {
     "proxygml": LossSpec("ProxyGML", ProxyGMLLoss),
+    "proxygml_cached": _proxygml_regularizer("cached"),
+    "proxygml_lazy": _proxygml_regularizer("lazy"),
     "proxyanchor": LossSpec("ProxyAnchor", losses.ProxyAnchorLoss),
     "softtriple": LossSpec("SoftTriple", softtriple_loss),
     "normsoftmax": LossSpec("NormalizedSoftmax", losses.NormalizedSoftmaxLoss),
