@@ -34,15 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 from tqdm import tqdm
 
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
 from .core import cli, report
-from .core.measure import PeakMemory, median_seconds, time_steps
+from .core.measure import PeakMemory, allocation_peak_mib, median_seconds, time_steps
 
 MIB = 2**20
 GIB = 2**30
@@ -259,48 +257,6 @@ def check_topk(repeats: int) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def allocation_peak_mib(
-    step: Callable[[], Any], leaves: Sequence[torch.Tensor] = ()
-) -> tuple[float, float]:
-    """(peak, working peak): tensor memory of one ``step`` over what was live before it.
-
-    From the torch profiler's memory timeline, which records every allocation and free of
-    torch's CPU allocator: tensor memory, not the process's RSS. "working" leaves out the
-    gradients that the step leaves in ``leaves``' ``.grad`` from the moment each is
-    allocated: it is what the computation itself holds at its worst moment.
-    """
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as profiler:
-        step()
-    gradients = {leaf.grad.untyped_storage().data_ptr() for leaf in leaves if leaf.grad is not None}
-    events = [
-        (key, action, size)
-        for _, action, (key, _), size in MemoryProfileTimeline(profiler._memory_profile()).timeline
-        if key.device.type == "cpu" and action != Action.INCREMENT_VERSION
-    ]
-    live_at_end: dict[Any, int] = {}
-    for key, action, size in events:
-        if action == Action.DESTROY:
-            live_at_end.pop(key, None)
-        else:
-            live_at_end[key] = size
-    gradient_keys = {key for key in live_at_end if key.storage.ptr in gradients}
-    live = working = 0
-    before = peak = working_peak = None
-    for key, action, size in events:
-        change = -size if action == Action.DESTROY else size
-        live += change
-        working += 0 if key in gradient_keys else change
-        if action != Action.PREEXISTING:
-            if before is None:
-                before = (live - change, working - (0 if key in gradient_keys else change))
-            peak, working_peak = max(peak or live, live), max(working_peak or working, working)
-    if before is None:  # the step allocated nothing
-        return 0.0, 0.0
-    return (peak - before[0]) / MIB, (working_peak - before[1]) / MIB
 
 
 SOP_CLASSES = 11318

@@ -1,9 +1,10 @@
-"""benchmarks/scale_checks.py: its memory measurement and its CSR cross-check."""
+"""benchmarks/scale_checks.py's CSR cross-check and the core's tensor-memory measurement."""
 
 import pytest
 import torch
 
 from benchmarks import scale_checks
+from benchmarks.core import measure
 from pml_proxygml import functional as gml
 
 MIB = 2**20
@@ -16,7 +17,7 @@ def test_allocation_peak_counts_temporaries_and_separates_gradients():
         (weights * 2).sum().backward()  # the product (1 MiB) is freed with the graph
         torch.ones(1024, 1024).sum()  # 4 MiB while the gradient is live
 
-    peak, working = scale_checks.allocation_peak_mib(step, [weights])
+    peak, working = measure.allocation_peak_mib(step, [weights])
     assert 5.0 <= peak < 5.1  # the gradient and the 4 MiB temporary
     assert 4.0 <= working < 4.1
 
