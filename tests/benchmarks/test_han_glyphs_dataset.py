@@ -17,6 +17,7 @@ from fontTools.ttLib import TTCollection, TTFont
 from PIL import Image, ImageDraw
 
 from benchmarks.core.datasets import debian, han_glyphs, stored
+from benchmarks.core.datasets.stored import SourceOptions
 
 SIZE = 16
 CLASSES = [0x4E00 + 7 * i for i in range(8)]  # eight Han code points
@@ -159,11 +160,13 @@ def fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"debs": debs, "sources": root / "sources.json", "root": root}
 
 
+def _sources(fixture: dict[str, Path], cache: Path, path: Path | None = None) -> SourceOptions:
+    return SourceOptions(cache, fixture["debs"], path or fixture["sources"])
+
+
 def _build(fixture: dict[str, Path], out: Path, cache: Path, **options) -> Path:
     options = {"size": SIZE, "classes": len(CLASSES), "faces_per_class": 0, **options}
-    return han_glyphs.build(
-        out, cache_dir=cache, debs_dir=fixture["debs"], sources_path=fixture["sources"], **options
-    )
+    return han_glyphs.build(out, han_glyphs.GlyphOptions(**options), _sources(fixture, cache))
 
 
 def test_build_writes_every_distinct_image_and_says_why_the_rest_is_missing(fixture, tmp_path):
@@ -290,20 +293,13 @@ def test_pins_and_names_are_checked(fixture, tmp_path):
     bad_pin = tmp_path / "bad_pin.json"
     bad_pin.write_text(json.dumps(sources))
     with pytest.raises(stored.DatasetBuildError, match=r"no \.deb of fonts-test-a=1\.0-1"):
-        han_glyphs.build(
-            tmp_path / "o", cache_dir=tmp_path / "c", debs_dir=fixture["debs"], sources_path=bad_pin
-        )
+        han_glyphs.build(tmp_path / "o", sources_from=_sources(fixture, tmp_path / "c", bad_pin))
     sources = json.loads(fixture["sources"].read_text())
     sources["faces"][0]["name"] = "Something Else"
     bad_name = tmp_path / "bad_name.json"
     bad_name.write_text(json.dumps(sources))
     with pytest.raises(stored.DatasetBuildError, match="pinned as 'Something Else'"):
-        han_glyphs.build(
-            tmp_path / "o",
-            cache_dir=tmp_path / "c",
-            debs_dir=fixture["debs"],
-            sources_path=bad_name,
-        )
+        han_glyphs.build(tmp_path / "o", sources_from=_sources(fixture, tmp_path / "c", bad_name))
     with pytest.raises(stored.DatasetBuildError, match="unknown faces"):
         han_glyphs.sources(["no-such-face"])
 
@@ -354,10 +350,9 @@ def test_real_build_from_two_small_debian_font_packages(tmp_path):
     """Fetches fonts-sawarabi-gothic and fonts-sawarabi-mincho (about 2 MB) with apt-get."""
     npz = han_glyphs.build(
         tmp_path / "out",
-        cache_dir=tmp_path / "cache",
+        han_glyphs.GlyphOptions(classes=20, faces_per_class=0),
+        SourceOptions(tmp_path / "cache"),
         faces=["sawarabi-gothic", "sawarabi-mincho-medium"],
-        classes=20,
-        faces_per_class=0,
     )
     arrays, manifest = stored.read_build(npz.parent, "han_glyphs")
     assert manifest["counts"]["classes"] == 20 and len(arrays["labels"]) == 40

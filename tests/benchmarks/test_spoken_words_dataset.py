@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks.core.datasets import debian, spoken_words, stored
+from benchmarks.core.datasets.stored import SourceOptions
 
 SIZE = 24
 WORDS = ["right", "write", "mountain", "people", "garden", "river", "stone"]
@@ -40,7 +41,9 @@ def sources(tmp_path: Path) -> Path:
 def _build(sources: Path, out: Path, **options) -> Path:
     options = {"size": SIZE, "classes": 6, "speakers_per_class": 3, **options}
     return spoken_words.build(
-        out, cache_dir=sources.parent / "cache", sources_path=sources, **options
+        out,
+        spoken_words.SpeechOptions(**options),
+        SourceOptions(sources.parent / "cache", sources_path=sources),
     )
 
 
@@ -156,7 +159,9 @@ def test_cli_builds_and_prints_the_raw_baseline(sources, tmp_path, capsys):
 def test_real_build_from_the_pinned_word_list(tmp_path):
     """Fetches wamerican (about 0.2 MB) with apt-get."""
     npz = spoken_words.build(
-        tmp_path / "out", cache_dir=tmp_path / "cache", classes=6, speakers_per_class=4
+        tmp_path / "out",
+        spoken_words.SpeechOptions(classes=6, speakers_per_class=4),
+        SourceOptions(tmp_path / "cache"),
     )
     arrays, manifest = stored.read_build(npz.parent, "spoken_words")
     assert manifest["counts"] == {

@@ -45,11 +45,14 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 from . import debian
 from .stored import (
-    CACHE_ROOT,
+    DEFAULT_SOURCES,
+    BuildOptions,
     DatasetBuildError,
+    SourceOptions,
     add_common_arguments,
     counts_line,
     load_sources,
+    options_from_arguments,
     read_manifest,
     run_cli,
     seeded_order,
@@ -59,16 +62,23 @@ from .stored import (
 )
 
 NAME = "han_glyphs"
-DEFAULT_CACHE = CACHE_ROOT / "debian"
 HAN_BLOCK = range(0x4E00, 0xA000)
 RENDER_SCALE = 4
 EM_FRACTION = 7 / 8
 # Placement at jitter 1: up to 40% smaller, turned up to 15 degrees, anywhere in the margin.
 MAX_SHRINK = 0.4
 MAX_TURN = 15.0
-DEFAULT_JITTER = 0.5
-DEFAULT_CLASSES = 500
-DEFAULT_FACES_PER_CLASS = 32
+
+
+@dataclass(frozen=True)
+class GlyphOptions(BuildOptions):
+    """How many classes and faces, at what size and placement jitter (see the module notes)."""
+
+    size: int = 32
+    classes: int = 500
+    faces_per_class: int = 32
+    jitter: float = 0.5
+    min_images: int = 2
 
 
 @dataclass(frozen=True)
@@ -249,20 +259,13 @@ def drop_indistinct(
 
 
 def read_faces(
-    faces: Sequence[OpenedFace],
-    packages: Sequence[debian.DebPackage],
-    *,
-    size: int = 32,
-    classes: int = DEFAULT_CLASSES,
-    faces_per_class: int = DEFAULT_FACES_PER_CLASS,
-    jitter: float = DEFAULT_JITTER,
-    min_images: int = 2,
-    seed: int = 0,
+    faces: Sequence[OpenedFace], packages: Sequence[debian.DebPackage], options: GlyphOptions
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Render the chosen classes in every face into arrays (images, labels, faces) and a
     manifest."""
-    code_points = choose_classes(faces, classes, seed)
-    images, skipped = render_faces(faces, code_points, size, jitter, seed)
+    size, seed, min_images = options.size, options.seed, options.min_images
+    code_points = choose_classes(faces, options.classes, seed)
+    images, skipped = render_faces(faces, code_points, size, options.jitter, seed)
     for key, counts in drop_indistinct(images, faces).items():
         skipped[key].update(counts)
 
@@ -270,7 +273,7 @@ def read_faces(
     for class_id, code_point in enumerate(code_points):
         drawn = [f for f in range(len(faces)) if (class_id, f) in images]
         order = seeded_order([faces[f].face.key for f in drawn], f"{seed}:{code_point}")
-        chosen = [drawn[i] for i in order[: faces_per_class or None]]
+        chosen = [drawn[i] for i in order[: options.faces_per_class or None]]
         if len(chosen) >= min_images:
             kept_faces[class_id] = sorted(chosen)
     kept = sorted(kept_faces)
@@ -299,7 +302,7 @@ def read_faces(
             "turned by up to MAX_TURN * jitter degrees (bicubic), shrunk to fit the side if "
             "larger, moved off centre by up to jitter of the free margin; draws from "
             "sha256(f'placement:{seed}:{code_point}:{face_key}')",
-            "jitter": jitter,
+            "jitter": options.jitter,
             "max_shrink": MAX_SHRINK,
             "max_turn_degrees": MAX_TURN,
             "reduction": "area average (BOX)",
@@ -307,11 +310,11 @@ def read_faces(
         },
         "policy": {
             "class_pool": "code points U+4E00-U+9FFF in a face's cmap (fontTools)",
-            "classes": f"the {classes} code points mapped by the most faces; ties by "
+            "classes": f"the {options.classes} code points mapped by the most faces; ties by "
             "sha256(f'{seed}:{code_point}')",
             "skipped_images": "faces drawing nothing; images equal to an earlier face's of the "
             "same class; images a face draws identically for two classes",
-            "faces_per_class": faces_per_class,
+            "faces_per_class": options.faces_per_class,
             "face_choice": "first faces_per_class by sha256(f'{seed}:{code_point}:{face_key}')",
             "min_images_per_class": min_images,
         },
@@ -360,82 +363,49 @@ def read_faces(
 
 def build(
     root: Path,
-    *,
-    cache_dir: Path = DEFAULT_CACHE,
-    debs_dir: Path | None = None,
-    sources_path: Path | None = None,
+    options: GlyphOptions = GlyphOptions(),
+    sources_from: SourceOptions = DEFAULT_SOURCES,
     faces: Sequence[str] | None = None,
-    size: int = 32,
-    classes: int = DEFAULT_CLASSES,
-    faces_per_class: int = DEFAULT_FACES_PER_CLASS,
-    jitter: float = DEFAULT_JITTER,
-    min_images: int = 2,
-    seed: int = 0,
 ) -> Path:
-    """Fetch the pinned packages (or read them from ``debs_dir``), render, write into
-    ``root``; return the npz's path. ``sources_path`` replaces the pinned packages and faces
-    (a JSON of the same layout); ``faces`` keeps only those face keys."""
-    packages, selected = sources(faces, sources_path)
-    folders = debian.fetch(packages, cache_dir, debs_dir)
-    arrays, manifest = read_faces(
-        open_faces(selected, folders),
-        packages,
-        size=size,
-        classes=classes,
-        faces_per_class=faces_per_class,
-        jitter=jitter,
-        min_images=min_images,
-        seed=seed,
-    )
+    """Fetch the pinned packages, render, write into ``root``; return the npz's path.
+    ``faces`` keeps only those face keys."""
+    packages, selected = sources(faces, sources_from.sources_path)
+    folders = debian.fetch(packages, sources_from.cache_dir, sources_from.debs_dir)
+    arrays, manifest = read_faces(open_faces(selected, folders), packages, options)
     write_build(root, NAME, arrays, manifest)
     return root / f"{NAME}.npz"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The builder's options."""
-    add_common_arguments(parser, NAME, size=32)
-    parser.add_argument("--classes", type=int, default=DEFAULT_CLASSES, help="Han characters")
+    defaults = GlyphOptions()
+    add_common_arguments(parser, NAME, defaults.size)
+    parser.add_argument("--classes", type=int, default=defaults.classes, help="Han characters")
     parser.add_argument(
         "--faces-per-class",
         type=int,
-        default=DEFAULT_FACES_PER_CLASS,
+        default=defaults.faces_per_class,
         help="faces kept per class (0: all)",
     )
     parser.add_argument(
         "--jitter",
         type=float,
-        default=DEFAULT_JITTER,
+        default=defaults.jitter,
         help="placement jitter in [0, 1] (0: centred; 1: up to 40%% smaller, turned up to "
         "15 degrees, anywhere in the margin)",
     )
-    parser.add_argument("--min-images", type=int, default=2, help="fewest images per class")
-    parser.add_argument("--faces", help="comma-separated face keys (default: all pinned faces)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="unpacked package cache")
-    parser.add_argument("--debs", type=Path, help="folder of the pinned .deb files (no apt)")
     parser.add_argument(
-        "--sources",
-        type=Path,
-        help="JSON of packages and faces to use instead of the pinned ones (same layout)",
+        "--min-images", type=int, default=defaults.min_images, help="fewest images per class"
     )
+    parser.add_argument("--faces", help="comma-separated face keys (default: all pinned faces)")
 
 
 def build_from_arguments(args: argparse.Namespace) -> str:
     """Build as ``args`` say; a summary of the build."""
-    npz = build(
-        args.out,
-        cache_dir=args.cache,
-        debs_dir=args.debs,
-        sources_path=args.sources,
-        faces=args.faces.split(",") if args.faces else None,
-        size=args.size,
-        classes=args.classes,
-        faces_per_class=args.faces_per_class,
-        jitter=args.jitter,
-        min_images=args.min_images,
-        seed=args.seed,
-    )
-    manifest = read_manifest(npz.parent)
-    skipped = Counter()
+    options, sources_from = options_from_arguments(GlyphOptions, args)
+    faces = args.faces.split(",") if args.faces else None
+    manifest = read_manifest(build(args.out, options, sources_from, faces).parent)
+    skipped: Counter[str] = Counter()
     for counts in manifest["skipped"].values():
         skipped.update(counts)
     return "\n".join(
@@ -443,7 +413,6 @@ def build_from_arguments(args: argparse.Namespace) -> str:
             counts_line(manifest),
             f"{len(manifest['faces'])} faces from {len(manifest['packages'])} packages",
             f"skipped (class, face) pairs: {dict(sorted(skipped.items()))}",
-            f"written: {npz}",
         ]
     )
 

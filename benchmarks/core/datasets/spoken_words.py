@@ -51,11 +51,14 @@ import numpy as np
 
 from . import debian, espeak_worker
 from .stored import (
-    CACHE_ROOT,
+    DEFAULT_SOURCES,
+    BuildOptions,
     DatasetBuildError,
+    SourceOptions,
     add_common_arguments,
     counts_line,
     load_sources,
+    options_from_arguments,
     read_manifest,
     run_cli,
     seeded_order,
@@ -65,9 +68,6 @@ from .stored import (
 )
 
 NAME = "spoken_words"
-DEFAULT_CACHE = CACHE_ROOT / "debian"
-DEFAULT_CLASSES = 800
-DEFAULT_SPEAKERS_PER_CLASS = 12
 WORD = re.compile(r"[a-z]{4,10}")
 PHONEME_VOICE = "en-us"
 # Spectrogram.
@@ -75,7 +75,16 @@ N_FFT = 1024
 F_MIN, F_MAX = 50.0, 8000.0
 TRIM_DB = 40.0
 TOP_DB = 80.0
-DEFAULT_WINDOW = 1.0
+
+
+@dataclass(frozen=True)
+class SpeechOptions(BuildOptions):
+    """How many words and speakers, at what image size and window (see the module notes)."""
+
+    size: int = 48
+    classes: int = 800
+    speakers_per_class: int = 12
+    window: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -262,22 +271,19 @@ def read_words(
     sources: dict[str, Any],
     package: debian.DebPackage,
     synthesizer: Synthesizer,
-    *,
-    size: int = 48,
-    classes: int = DEFAULT_CLASSES,
-    speakers_per_class: int = DEFAULT_SPEAKERS_PER_CLASS,
-    window: float = DEFAULT_WINDOW,
-    seed: int = 0,
+    options: SpeechOptions,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Synthesise the chosen words by their speakers into arrays (images, labels, speakers)
     and a manifest."""
+    size, seed, window = options.size, options.seed, options.window
+    speakers_per_class = options.speakers_per_class
     lines = word_file.read_text(encoding="utf-8").split("\n")
     candidates = sorted({line for line in lines if WORD.fullmatch(line)})
     pool = speaker_pool(sources)
     if not 0 < speakers_per_class <= len(pool):
         raise DatasetBuildError(f"speakers per class must be in 1..{len(pool)}")
     synthesizer.check_voices(pool)
-    words, phonemes, homophones = choose_words(candidates, classes, seed, synthesizer)
+    words, phonemes, homophones = choose_words(candidates, options.classes, seed, synthesizer)
     filters = mel_filters(size, synthesizer.sample_rate)
     images, labels, speaker_ids, clipped = [], [], [], Counter()
     for class_id, word in enumerate(words):
@@ -371,33 +377,16 @@ def read_words(
 
 def build(
     root: Path,
-    *,
-    cache_dir: Path = DEFAULT_CACHE,
-    debs_dir: Path | None = None,
-    sources_path: Path | None = None,
-    size: int = 48,
-    classes: int = DEFAULT_CLASSES,
-    speakers_per_class: int = DEFAULT_SPEAKERS_PER_CLASS,
-    window: float = DEFAULT_WINDOW,
-    seed: int = 0,
+    options: SpeechOptions = SpeechOptions(),
+    sources_from: SourceOptions = DEFAULT_SOURCES,
 ) -> Path:
-    """Fetch the pinned word list (or read it from ``debs_dir``), synthesise, write into
-    ``root``; return the npz's path. ``sources_path`` replaces the pinned sources (a JSON of
-    the same layout)."""
-    sources = load_sources(NAME, sources_path)
+    """Fetch the pinned word list, synthesise, write into ``root``; return the npz's path."""
+    sources = load_sources(NAME, sources_from.sources_path)
     package = debian.DebPackage.from_dict(sources["word_list"]["package"])
-    folder = debian.fetch([package], cache_dir, debs_dir)[package.name]
+    folder = debian.fetch([package], sources_from.cache_dir, sources_from.debs_dir)[package.name]
     with Synthesizer(sources["synthesizer"]) as synthesizer:
         arrays, manifest = read_words(
-            folder / sources["word_list"]["file"],
-            sources,
-            package,
-            synthesizer,
-            size=size,
-            classes=classes,
-            speakers_per_class=speakers_per_class,
-            window=window,
-            seed=seed,
+            folder / sources["word_list"]["file"], sources, package, synthesizer, options
         )
     write_build(root, NAME, arrays, manifest)
     return root / f"{NAME}.npz"
@@ -405,38 +394,23 @@ def build(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The builder's options."""
-    add_common_arguments(parser, NAME, size=48)
-    parser.add_argument("--classes", type=int, default=DEFAULT_CLASSES, help="words")
+    defaults = SpeechOptions()
+    add_common_arguments(parser, NAME, defaults.size)
+    parser.add_argument("--classes", type=int, default=defaults.classes, help="words")
     parser.add_argument(
         "--speakers-per-class",
         type=int,
-        default=DEFAULT_SPEAKERS_PER_CLASS,
+        default=defaults.speakers_per_class,
         help="speakers saying each word",
     )
     parser.add_argument(
-        "--window", type=float, default=DEFAULT_WINDOW, help="seconds of sound per image"
-    )
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="unpacked package cache")
-    parser.add_argument("--debs", type=Path, help="folder of the pinned .deb (no apt)")
-    parser.add_argument(
-        "--sources", type=Path, help="JSON to use instead of the pinned sources (same layout)"
+        "--window", type=float, default=defaults.window, help="seconds of sound per image"
     )
 
 
 def build_from_arguments(args: argparse.Namespace) -> str:
     """Build as ``args`` say; a summary of the build."""
-    npz = build(
-        args.out,
-        cache_dir=args.cache,
-        debs_dir=args.debs,
-        sources_path=args.sources,
-        size=args.size,
-        classes=args.classes,
-        speakers_per_class=args.speakers_per_class,
-        window=args.window,
-        seed=args.seed,
-    )
-    manifest = read_manifest(npz.parent)
+    manifest = read_manifest(build(args.out, *options_from_arguments(SpeechOptions, args)).parent)
     clipped = manifest["image_pipeline"]["clipped_words_per_accent"]
     return "\n".join(
         [
@@ -444,7 +418,6 @@ def build_from_arguments(args: argparse.Namespace) -> str:
             f"{len(manifest['speakers'])} speakers in the pool; "
             f"{len(manifest['skipped_homophones'])} homophones skipped; "
             f"images longer than the window: {sum(clipped.values())}",
-            f"written: {npz}",
         ]
     )
 

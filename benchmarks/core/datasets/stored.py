@@ -22,8 +22,9 @@ import os
 import time
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from pml_proxygml.evaluation import DMLAccuracyCalculator, recall_key
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CACHE_ROOT = REPO_ROOT / "benchmarks" / ".cache"
+DEBIAN_CACHE = CACHE_ROOT / "debian"
 SOURCES_DIR = REPO_ROOT / "benchmarks" / "datasets_manifest"
 MANIFEST_NAME = "manifest.json"
 RECALL_KS = (1, 2, 4, 8)
@@ -41,6 +43,31 @@ MAP_AT_R = "mean_average_precision_at_r"
 class DatasetBuildError(RuntimeError):
     """A build cannot proceed: a missing tool, a source that does not match its pin, bad
     options. The message says what to do; no traceback is needed."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What every registry-built dataset is built with; each adds its own options."""
+
+    size: int = 32
+    classes: int = 500
+    seed: int = 0
+
+
+Options = TypeVar("Options", bound=BuildOptions)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Where a build's sources come from: the package cache, optionally a folder of .deb files
+    (no apt) and a sources JSON replacing the pinned one."""
+
+    cache_dir: Path = DEBIAN_CACHE
+    debs_dir: Path | None = None
+    sources_path: Path | None = None
+
+
+DEFAULT_SOURCES = SourceOptions()
 
 
 def load_sources(name: str, path: Path | None = None) -> dict[str, Any]:
@@ -160,10 +187,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, size: int) 
     parser.add_argument("--size", type=int, default=size, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="class selection and split seed")
     parser.add_argument(
+        "--cache", type=Path, default=DEBIAN_CACHE, help="unpacked Debian package cache"
+    )
+    parser.add_argument("--debs", type=Path, help="folder of the pinned .deb files (no apt)")
+    parser.add_argument(
+        "--sources", type=Path, help="JSON to use instead of the pinned sources (same layout)"
+    )
+    parser.add_argument(
         "--raw-baseline",
         action="store_true",
         help="then print the test classes' raw-pixel Recall@K and MAP@R",
     )
+
+
+def options_from_arguments(
+    cls: type[Options], args: argparse.Namespace
+) -> tuple[Options, SourceOptions]:
+    """A builder's options and its sources' from parsed arguments (same names)."""
+    options = cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+    return options, SourceOptions(args.cache, args.debs, args.sources)
 
 
 def run_cli(
@@ -179,7 +221,7 @@ def run_cli(
         print(build_from_arguments(args))
     except DatasetBuildError as error:
         parser.exit(1, f"error: {error}\n")
-    print(f"built in {time.perf_counter() - start:.1f} s")
+    print(f"built in {time.perf_counter() - start:.1f} s: {args.out / f'{name}.npz'}")
     if args.raw_baseline:
         metrics = raw_pixel_metrics(args.out, name)
         print(json.dumps({"raw_pixels_test": metrics}, indent=1))
