@@ -106,6 +106,9 @@ def test_spectrogram_puts_a_tone_in_its_mel_band_and_centres_the_sound():
     loud_columns = np.flatnonzero(image.max(axis=0) > 128)
     assert abs((loud_columns[0] + loud_columns[-1]) / 2 - (size - 1) / 2) <= 1.5
     assert 0.2 * size < len(loud_columns) < 0.45 * size  # 0.3 s of a 1 s window
+    for offset, edge in ((-0.5, 0), (0.5, size - 1)):  # the word moved to either end
+        moved, _ = spoken_words.spectrogram(tone, rate, size, 1.0, filters, offset)
+        assert edge in np.flatnonzero(moved.max(axis=0) > 128)
     long_tone = np.tile(tone, 5)
     assert spoken_words.spectrogram(long_tone, rate, size, 1.0, filters)[1]
 

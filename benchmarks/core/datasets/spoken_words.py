@@ -21,8 +21,10 @@ Policy, also written into the manifest:
   utterance is synthesised in a fresh fork of a process that has loaded the library but spoken
   nothing, with eSpeak's and libc's random generators seeded: the same word and speaker give
   the same samples whatever else is built (POSIX only).
-* Image: silence at both ends trimmed (below -40 dB of the peak), the word centred in a
-  ``window`` seconds frame (cut symmetrically when longer), power spectrum (Hann window of
+* Image: silence at both ends trimmed (below -40 dB of the peak), the word placed in a
+  ``window`` seconds frame, off centre by up to ``jitter`` of the free time (0.5 by default:
+  a word is not always in the middle of a clip; drawn from the seeded SHA-256 of (word,
+  speaker); cut symmetrically when longer than the frame), power spectrum (Hann window of
   1024 samples at 22.05 kHz) on ``size`` frames, ``size`` mel bands from 50 Hz to 8 kHz,
   decibels down to 80 dB below the image's peak mapped to 0-255; low frequencies at the
   bottom, grey replicated to RGB.
@@ -57,6 +59,7 @@ from .stored import (
     SourceOptions,
     add_common_arguments,
     counts_line,
+    hashed_uniforms,
     load_sources,
     options_from_arguments,
     read_manifest,
@@ -64,6 +67,7 @@ from .stored import (
     seeded_order,
     split_counts,
     split_halves,
+    summary,
     write_build,
 )
 
@@ -85,6 +89,7 @@ class SpeechOptions(BuildOptions):
     classes: int = 800
     speakers_per_class: int = 12
     window: float = 1.0
+    jitter: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -215,10 +220,16 @@ def _mel(hertz: float) -> float:
 
 
 def spectrogram(
-    samples: np.ndarray, sample_rate: int, size: int, window: float, filters: np.ndarray
+    samples: np.ndarray,
+    sample_rate: int,
+    size: int,
+    window: float,
+    filters: np.ndarray,
+    offset: float = 0.0,
 ) -> tuple[np.ndarray, bool]:
     """A (size, size) uint8 log-mel image of a word (see the module notes), and whether the
-    word was longer than the window."""
+    word was longer than the window. ``offset`` in [-0.5, 0.5] moves the word off centre by
+    that fraction of the free time (-0.5: at the start)."""
     wave = samples.astype(np.float64) / 32768.0
     loud = np.flatnonzero(np.abs(wave) > np.abs(wave).max() * 10 ** (-TRIM_DB / 20))
     wave = wave[loud[0] : loud[-1] + 1]
@@ -228,7 +239,7 @@ def spectrogram(
     if clipped:
         start = (len(wave) - span) // 2
         wave = wave[start : start + span]
-    before = (span - len(wave)) // 2
+    before = round((span - len(wave)) * (0.5 + offset))
     padded = np.pad(wave, (before + N_FFT // 2, span - len(wave) - before + N_FFT // 2))
     starts = hop // 2 + hop * np.arange(size)
     frames = padded[starts[:, None] + np.arange(N_FFT)]
@@ -289,9 +300,15 @@ def read_words(
     for class_id, word in enumerate(words):
         order = seeded_order([s.key for s in pool], f"{seed}:{word}")
         for speaker_id in sorted(order[:speakers_per_class]):
-            samples = synthesizer.speak(word, pool[speaker_id])
+            speaker = pool[speaker_id]
+            (draw,) = hashed_uniforms(f"placement:{seed}:{word}:{speaker.key}", 1)
             image, was_clipped = spectrogram(
-                samples, synthesizer.sample_rate, size, window, filters
+                synthesizer.speak(word, speaker),
+                synthesizer.sample_rate,
+                size,
+                window,
+                filters,
+                options.jitter * (draw - 0.5),
             )
             clipped[pool[speaker_id].accent] += was_clipped
             images.append(image)
@@ -313,6 +330,9 @@ def read_words(
             "sample_rate": synthesizer.sample_rate,
             "trim": f"below -{TRIM_DB:g} dB of the peak, at both ends",
             "window_seconds": window,
+            "placement": "off centre by up to jitter of the free time; draws from "
+            "sha256(f'placement:{seed}:{word}:{speaker}')",
+            "jitter": options.jitter,
             "hop_samples": round(window * synthesizer.sample_rate / size),
             "n_fft": N_FFT,
             "fft_window": "periodic Hann",
@@ -406,19 +426,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window", type=float, default=defaults.window, help="seconds of sound per image"
     )
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=defaults.jitter,
+        help="placement jitter in [0, 1] (0: centred; 1: anywhere in the window)",
+    )
 
 
 def build_from_arguments(args: argparse.Namespace) -> str:
     """Build as ``args`` say; a summary of the build."""
     manifest = read_manifest(build(args.out, *options_from_arguments(SpeechOptions, args)).parent)
     clipped = manifest["image_pipeline"]["clipped_words_per_accent"]
-    return "\n".join(
+    return summary(
+        args,
+        NAME,
         [
             counts_line(manifest),
             f"{len(manifest['speakers'])} speakers in the pool; "
             f"{len(manifest['skipped_homophones'])} homophones skipped; "
             f"images longer than the window: {sum(clipped.values())}",
-        ]
+        ],
     )
 
 
@@ -427,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog=f"python -m benchmarks.core.datasets.{NAME}", description=__doc__.split("\n")[0]
     )
     add_arguments(parser)
-    return run_cli(parser, argv, NAME, build_from_arguments)
+    return run_cli(parser, argv, build_from_arguments)
 
 
 if __name__ == "__main__":

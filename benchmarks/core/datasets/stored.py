@@ -84,6 +84,13 @@ def seeded_order(keys: Sequence[str], seed: int | str) -> list[int]:
     )
 
 
+def hashed_uniforms(text: str, count: int) -> tuple[float, ...]:
+    """``count`` (at most 8) numbers in [0, 1) from the SHA-256 of ``text``: a random draw that
+    depends on nothing but its key."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "big") / 2**32 for i in range(count))
+
+
 def split_halves(keys: Sequence[str], seed: int) -> tuple[list[int], list[int]]:
     """Class-disjoint ``(train, test)`` sorted class ids; train gets the smaller half."""
     order = seeded_order(keys, seed)
@@ -208,21 +215,27 @@ def options_from_arguments(
     return options, SourceOptions(args.cache, args.debs, args.sources)
 
 
+def summary(args: argparse.Namespace, name: str, lines: Sequence[str]) -> str:
+    """A build's summary ``lines`` with where it was written, and the raw-pixel baseline of
+    its test classes when ``--raw-baseline`` asks for it."""
+    lines = [*lines, f"written: {args.out / f'{name}.npz'}"]
+    if args.raw_baseline:
+        baseline = {"raw_pixels_test": raw_pixel_metrics(args.out, name)}
+        lines.append(json.dumps(baseline, indent=1))
+    return "\n".join(lines)
+
+
 def run_cli(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
-    name: str,
     build_from_arguments: Callable[[argparse.Namespace], str],
 ) -> int:
-    """Parse, build, print the summary (and the raw baseline when asked); one-line errors."""
+    """Parse, build and print the summary, or a one-line error."""
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         print(build_from_arguments(args))
     except DatasetBuildError as error:
         parser.exit(1, f"error: {error}\n")
-    print(f"built in {time.perf_counter() - start:.1f} s: {args.out / f'{name}.npz'}")
-    if args.raw_baseline:
-        metrics = raw_pixel_metrics(args.out, name)
-        print(json.dumps({"raw_pixels_test": metrics}, indent=1))
+    print(f"took {time.perf_counter() - start:.1f} s")
     return 0
