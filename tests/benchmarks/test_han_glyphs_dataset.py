@@ -16,8 +16,10 @@ from fontTools.pens.ttGlyphPen import TTGlyphPen
 from fontTools.ttLib import TTCollection, TTFont
 from PIL import Image, ImageDraw
 
-from benchmarks.core.datasets import debian, han_glyphs, stored
+from benchmarks import build_dataset, run
+from benchmarks.core.datasets import DATASETS, common, debian, han_glyphs, stored
 from benchmarks.core.datasets.stored import SourceOptions
+from benchmarks.core.errors import DataError
 
 SIZE = 16
 CLASSES = [0x4E00 + 7 * i for i in range(8)]  # eight Han code points
@@ -204,7 +206,7 @@ def test_split_is_class_disjoint_halves_recorded_in_the_manifest(fixture, tmp_pa
     train, test = manifest["split"]["train"], manifest["split"]["test"]
     assert sorted(train + test) == list(range(8)) and len(train) == len(test) == 4
     keys = [c["code_point"] for c in manifest["classes"]]
-    assert (train, test) == stored.split_halves(keys, 3)
+    assert (train, test) == common.split_halves(keys, 3)
     counts = manifest["counts"]
     assert counts["train_images"] == np.isin(arrays["labels"], train).sum()
     assert counts["train_images"] + counts["test_images"] == counts["images"]
@@ -316,8 +318,9 @@ def test_unpack_checks_the_hash_and_refuses_unsafe_paths(tmp_path):
 
 
 def test_cli_builds_and_prints_the_raw_baseline(fixture, tmp_path, capsys):
-    code = han_glyphs.main(
+    code = build_dataset.main(
         [
+            "han_glyphs",
             "--out", str(tmp_path / "out"),
             "--cache", str(tmp_path / "cache"),
             "--debs", str(fixture["debs"]),
@@ -332,10 +335,39 @@ def test_cli_builds_and_prints_the_raw_baseline(fixture, tmp_path, capsys):
     assert code == 0
     assert "8 classes, 27 images of 16x16" in out
     assert '"recall_at_1"' in out and '"mean_average_precision_at_r"' in out
-    with pytest.raises(SystemExit) as exit_info:
-        han_glyphs.main(["--out", str(tmp_path / "x"), "--faces", "no-such-face"])
-    assert exit_info.value.code == 1
-    assert "error: unknown faces ['no-such-face']" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: unknown faces \['no-such-face'\]"):
+        build_dataset.main(["han_glyphs", "--out", str(tmp_path / "x"), "--faces", "no-such-face"])
+
+
+def test_a_build_opens_for_a_run_as_its_manifests_split(fixture, tmp_path):
+    npz = _build(fixture, tmp_path / "out", tmp_path / "cache")
+    manifest = stored.read_manifest(npz.parent)
+    splits = DATASETS["han_glyphs"](None, npz.parent, False)
+    counts = manifest["counts"]
+    assert splits.describe()["train"] == {
+        "classes": counts["train_classes"],
+        "images": counts["train_images"],
+    }
+    assert splits.describe()["test"] == {
+        "classes": counts["test_classes"],
+        "images": counts["test_images"],
+    }
+    test_names = [manifest["classes"][i]["code_point"] for i in manifest["split"]["test"]]
+    assert splits.eval.class_names == test_names
+    assert splits.train.image(0).shape == (3, SIZE, SIZE)
+    assert splits.info["npz_sha256"] == manifest["npz"]["sha256"]
+
+
+def test_a_run_without_a_build_says_how_to_build_it_and_builds_nothing(tmp_path):
+    with pytest.raises(
+        SystemExit, match=r"^error: no han_glyphs dataset in .*build_dataset han_glyphs --out"
+    ):
+        run.main(["--recipe", "han_glyphs", "--data-root", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_build_errors_are_the_runners_one_line_data_errors():
+    assert issubclass(stored.DatasetBuildError, DataError)
 
 
 def test_pinned_sources_are_consistent():

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.core.datasets import debian, spoken_words, stored
+from benchmarks import build_dataset
+from benchmarks.core.datasets import DATASETS, common, debian, spoken_words, stored
 from benchmarks.core.datasets.stored import SourceOptions
 
 SIZE = 24
@@ -68,7 +69,7 @@ def test_build_skips_homophones_and_gives_each_word_its_speakers(sources, tmp_pa
     assert (arrays["images"].reshape(18, -1).max(axis=1) == 255).all()
     assert (arrays["images"].reshape(18, -1).min(axis=1) == 0).all()
     train, test = manifest["split"]["train"], manifest["split"]["test"]
-    assert (train, test) == stored.split_halves(words, 0)
+    assert (train, test) == common.split_halves(words, 0)
 
 
 def test_rebuild_gives_identical_bytes(sources, tmp_path):
@@ -141,8 +142,9 @@ def test_pins_and_voices_are_checked(sources, tmp_path, monkeypatch):
 
 
 def test_cli_builds_and_prints_the_raw_baseline(sources, tmp_path, capsys):
-    code = spoken_words.main(
+    code = build_dataset.main(
         [
+            "spoken_words",
             "--out", str(tmp_path / "out"),
             "--cache", str(sources.parent / "cache"),
             "--sources", str(sources),
@@ -156,6 +158,17 @@ def test_cli_builds_and_prints_the_raw_baseline(sources, tmp_path, capsys):
     assert code == 0
     assert "6 classes, 18 images of 24x24" in out and "1 homophones skipped" in out
     assert '"recall_at_1"' in out
+
+
+def test_a_build_opens_for_a_run_as_its_manifests_split(sources, tmp_path):
+    npz = _build(sources, tmp_path / "out")
+    manifest = stored.read_manifest(npz.parent)
+    splits = DATASETS["spoken_words"](None, npz.parent, False)
+    train_words = [manifest["classes"][i]["short_name"] for i in manifest["split"]["train"]]
+    assert splits.train.class_names == train_words
+    assert len(splits.train) + len(splits.eval) == manifest["counts"]["images"]
+    assert splits.eval.image(0).shape == (3, SIZE, SIZE)
+    assert splits.info["title"] == "Spoken words"
 
 
 @pytest.mark.slow

@@ -33,19 +33,31 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", 
 DISPLAY_SIDE = 128
 
 
-def class_split(keys: Sequence[Any], held_out: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Sorted class indices ``(kept, held)``: ``held_out`` classes chosen by a seeded hash.
+def seeded_order(keys: Sequence[Any], seed: Any) -> list[int]:
+    """Indices of ``keys`` ordered by the SHA-256 of ``f"{seed}:{key}"``: a seeded permutation
+    that depends on no RNG's version, and in which a key keeps its rank among the others when
+    keys are added."""
+    return sorted(
+        range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest()
+    )
 
-    Classes are ordered by the SHA-256 of ``f"{seed}:{key}"`` (a seeded permutation that does
-    not depend on any RNG's version); the first ``held_out`` are held out. ``keys`` name the
-    classes (names, code points, ids) so that a class keeps its side when others are added.
+
+def class_split(keys: Sequence[Any], held_out: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Sorted class indices ``(kept, held)``: the first ``held_out`` classes of the
+    :func:`seeded_order` are held out. ``keys`` name the classes (names, code points, ids) so
+    that a class keeps its side when others are added.
     """
     if not 0 < held_out < len(keys):
         raise ValueError(f"cannot hold out {held_out} of {len(keys)} classes")
-    order = sorted(
-        range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest()
-    )
+    order = seeded_order(keys, seed)
     return sorted(order[held_out:]), sorted(order[:held_out])
+
+
+def split_halves(keys: Sequence[Any], seed: int) -> tuple[list[int], list[int]]:
+    """The built datasets' split: class-disjoint ``(train, test)`` sorted class ids, train
+    the smaller half (the rest of a :func:`class_split` holding out half, rounded down)."""
+    test, train = class_split(keys, len(keys) // 2, seed)
+    return train, test
 
 
 def held_out_count(classes: int, fraction: float) -> int:

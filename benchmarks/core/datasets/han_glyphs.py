@@ -26,9 +26,9 @@ Policy, also written into the manifest:
   classes identically.
 * Each class then keeps ``faces_per_class`` of its remaining faces, chosen by the seeded
   SHA-256 of the face key (0: all), so classes see different subsets of faces.
-* Split: class-disjoint halves (:func:`.stored.split_halves` of the code points).
+* Split: class-disjoint halves (:func:`.common.split_halves` of the code points).
 
-Build: ``python -m benchmarks.core.datasets.han_glyphs [--out DIR] [--classes 500]``.
+Build: ``python -m benchmarks.build_dataset han_glyphs [--out DIR] [--classes 500]``.
 """
 
 from __future__ import annotations
@@ -49,21 +49,21 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont, features
 
 from . import debian
+from .common import Splits, seeded_order, split_halves
 from .stored import (
     DEFAULT_SOURCES,
     BuildOptions,
     DatasetBuildError,
     SourceOptions,
     add_common_arguments,
+    build_root,
     counts_line,
     hashed_uniforms,
     load_sources,
+    open_build,
     options_from_arguments,
     read_manifest,
-    run_cli,
-    seeded_order,
     split_counts,
-    split_halves,
     summary,
     write_build,
 )
@@ -382,6 +382,12 @@ def build(
     return root / f"{NAME}.npz"
 
 
+def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
+    """A build's train and test classes, from ``data_root`` or the builder's default output
+    (a run never builds it)."""
+    return open_build(NAME, "Han glyphs", build_root(NAME, data_root))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The builder's options."""
     defaults = GlyphOptions()
@@ -423,15 +429,3 @@ def build_from_arguments(args: argparse.Namespace) -> str:
             f"skipped (class, face) pairs: {dict(sorted(skipped.items()))}",
         ],
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m benchmarks.core.datasets.{NAME}", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run_cli(parser, argv, build_from_arguments)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,9 +28,9 @@ Policy, also written into the manifest:
   1024 samples at 22.05 kHz) on ``size`` frames, ``size`` mel bands from 50 Hz to 8 kHz,
   decibels down to 80 dB below the image's peak mapped to 0-255; low frequencies at the
   bottom, grey replicated to RGB.
-* Split: class-disjoint halves (:func:`.stored.split_halves` of the words).
+* Split: class-disjoint halves (:func:`.common.split_halves` of the words).
 
-Build: ``python -m benchmarks.core.datasets.spoken_words [--out DIR] [--classes 800]``.
+Build: ``python -m benchmarks.build_dataset spoken_words [--out DIR] [--classes 800]``.
 """
 
 from __future__ import annotations
@@ -52,21 +52,21 @@ from typing import Any
 import numpy as np
 
 from . import debian, espeak_worker
+from .common import Splits, seeded_order, split_halves
 from .stored import (
     DEFAULT_SOURCES,
     BuildOptions,
     DatasetBuildError,
     SourceOptions,
     add_common_arguments,
+    build_root,
     counts_line,
     hashed_uniforms,
     load_sources,
+    open_build,
     options_from_arguments,
     read_manifest,
-    run_cli,
-    seeded_order,
     split_counts,
-    split_halves,
     summary,
     write_build,
 )
@@ -412,6 +412,12 @@ def build(
     return root / f"{NAME}.npz"
 
 
+def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
+    """A build's train and test classes, from ``data_root`` or the builder's default output
+    (a run never builds it)."""
+    return open_build(NAME, "Spoken words", build_root(NAME, data_root))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The builder's options."""
     defaults = SpeechOptions()
@@ -448,15 +454,3 @@ def build_from_arguments(args: argparse.Namespace) -> str:
             f"images longer than the window: {sum(clipped.values())}",
         ],
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m benchmarks.core.datasets.{NAME}", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run_cli(parser, argv, build_from_arguments)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,10 +6,10 @@ int64 class ids, and one int64 array naming each image's source, e.g. its font f
 what was skipped and why; tool versions; the npz's SHA-256). The npz is written with fixed zip
 timestamps, so equal inputs give equal bytes, and both files are replaced atomically.
 
-The class split is the emoji dataset's: classes ordered by the SHA-256 of
-``f"{seed}:{key}"`` (no RNG, so no dependence on a library version), the first half (rounded
-down) trains and the rest is tested on. Pinned sources are data, under
-``benchmarks/datasets_manifest/<name>.json``.
+The class split is :func:`.common.split_halves` (the emoji dataset's): classes ordered by the
+SHA-256 of ``f"{seed}:{key}"`` (no RNG, so no dependence on a library version), the first half
+(rounded down) trains and the rest is tested on. :func:`open_build` opens a build for a run.
+Pinned sources are data, under ``benchmarks/datasets_manifest/<name>.json``.
 """
 
 from __future__ import annotations
@@ -18,31 +18,33 @@ import argparse
 import hashlib
 import io
 import json
-import os
-import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from pml_proxygml.evaluation import DMLAccuracyCalculator, recall_key
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CACHE_ROOT = REPO_ROOT / "benchmarks" / ".cache"
+from .. import report
+from ..errors import DataError
+from .common import Splits, TensorImages
+
+CACHE_ROOT = report.REPO_ROOT / "benchmarks" / ".cache"
 DEBIAN_CACHE = CACHE_ROOT / "debian"
-SOURCES_DIR = REPO_ROOT / "benchmarks" / "datasets_manifest"
+SOURCES_DIR = report.REPO_ROOT / "benchmarks" / "datasets_manifest"
 MANIFEST_NAME = "manifest.json"
 RECALL_KS = (1, 2, 4, 8)
 MAP_AT_R = "mean_average_precision_at_r"
 
 
-class DatasetBuildError(RuntimeError):
+class DatasetBuildError(DataError):
     """A build cannot proceed: a missing tool, a source that does not match its pin, bad
-    options. The message says what to do; no traceback is needed."""
+    options. The message says what to do; the runner and ``build_dataset`` print it as one
+    line."""
 
 
 @dataclass(frozen=True)
@@ -77,25 +79,11 @@ def load_sources(name: str, path: Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def seeded_order(keys: Sequence[str], seed: int | str) -> list[int]:
-    """Indices of ``keys`` ordered by the SHA-256 of ``f"{seed}:{key}"``."""
-    return sorted(
-        range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest()
-    )
-
-
 def hashed_uniforms(text: str, count: int) -> tuple[float, ...]:
     """``count`` (at most 8) numbers in [0, 1) from the SHA-256 of ``text``: a random draw that
     depends on nothing but its key."""
     digest = hashlib.sha256(text.encode()).digest()
     return tuple(int.from_bytes(digest[4 * i : 4 * i + 4], "big") / 2**32 for i in range(count))
-
-
-def split_halves(keys: Sequence[str], seed: int) -> tuple[list[int], list[int]]:
-    """Class-disjoint ``(train, test)`` sorted class ids; train gets the smaller half."""
-    order = seeded_order(keys, seed)
-    half = len(order) // 2
-    return sorted(order[:half]), sorted(order[half:])
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -110,12 +98,6 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             info.external_attr = 0o644 << 16
             archive.writestr(info, array.getvalue())
     return buffer.getvalue()
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def split_counts(labels: np.ndarray, train: Sequence[int], test: Sequence[int]) -> dict[str, int]:
@@ -136,9 +118,8 @@ def write_build(
 ) -> dict[str, Any]:
     """Write ``<name>.npz`` and ``manifest.json`` (with the npz's SHA-256); return the
     manifest as written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     npz = npz_bytes(arrays)
-    _replace(out_dir / f"{name}.npz", npz)
+    report.write_bytes(out_dir / f"{name}.npz", npz)
     manifest = {
         **manifest,
         "npz": {
@@ -148,7 +129,7 @@ def write_build(
         },
     }
     text = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    _replace(out_dir / MANIFEST_NAME, text.encode("utf-8"))
+    report.write_bytes(out_dir / MANIFEST_NAME, text.encode("utf-8"))
     return manifest
 
 
@@ -161,6 +142,41 @@ def read_build(root: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, 
     """The arrays and manifest of a build in ``root``."""
     with np.load(root / f"{name}.npz") as data:
         return {key: data[key] for key in data.files}, read_manifest(root)
+
+
+def load_build(root: Path, name: str) -> tuple[TensorImages, dict[str, Any]]:
+    """A build's images (all classes, labels = manifest class ids) and its manifest."""
+    manifest = read_manifest(root)
+    names = [c.get("short_name", str(c["id"])) for c in manifest["classes"]]
+    with np.load(root / f"{name}.npz") as data:
+        images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
+        return TensorImages(images, data["labels"], names), manifest
+
+
+def open_build(name: str, title: str, root: Path, missing_hint: str = "") -> Splits:
+    """The build of dataset ``name`` in ``root`` as its manifest's train and test classes;
+    a :class:`DataError` saying how to build it when there is none (``missing_hint`` adds
+    the dataset's other ways)."""
+    if not (root / f"{name}.npz").is_file():
+        raise DataError(
+            f"no {name} dataset in {root} ({name}.npz missing): build one there with "
+            f"`python -m benchmarks.build_dataset {name} --out {root}`{missing_hint}"
+        )
+    everything, manifest = load_build(root, name)
+    info = {
+        "name": name,
+        "title": title,
+        "root": report.relative(root),
+        "npz_sha256": manifest.get("npz", {}).get("sha256"),
+        "image_size": manifest.get("size"),
+    }
+    split = manifest["split"]
+    return Splits(everything.select(split["train"]), everything.select(split["test"]), info)
+
+
+def build_root(name: str, data_root: Path | None) -> Path:
+    """Where a run reads dataset ``name``: ``data_root``, or the builder's default output."""
+    return CACHE_ROOT / name if data_root is None else Path(data_root)
 
 
 def raw_pixel_metrics(root: Path, name: str, split: str = "test") -> dict[str, float]:
@@ -223,19 +239,3 @@ def summary(args: argparse.Namespace, name: str, lines: Sequence[str]) -> str:
         baseline = {"raw_pixels_test": raw_pixel_metrics(args.out, name)}
         lines.append(json.dumps(baseline, indent=1))
     return "\n".join(lines)
-
-
-def run_cli(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    build_from_arguments: Callable[[argparse.Namespace], str],
-) -> int:
-    """Parse, build and print the summary, or a one-line error."""
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        print(build_from_arguments(args))
-    except DatasetBuildError as error:
-        parser.exit(1, f"error: {error}\n")
-    print(f"took {time.perf_counter() - start:.1f} s")
-    return 0
