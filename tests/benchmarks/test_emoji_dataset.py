@@ -366,7 +366,7 @@ def test_extract_rejects_paths_outside_the_package(tmp_path: Path) -> None:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(payload, arcname="package/../../escaped")
     with pytest.raises(DataError, match="unsafe path"):
-        npm.extract(buffer.getvalue(), tmp_path / "pkg")
+        common.extract_tar(buffer.getvalue(), tmp_path / "pkg", "tarball", strip=1)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "pkg").exists()
 
 

@@ -309,7 +309,7 @@ def test_pins_and_names_are_checked(fixture, tmp_path):
 def test_unpack_checks_the_hash_and_refuses_unsafe_paths(tmp_path):
     deb = make_deb(tmp_path / "evil_1_all.deb", {"../escape.txt": b"x"})
     package = debian.DebPackage("evil", "1", debian.sha256_of(deb), "none")
-    with pytest.raises(stored.DatasetBuildError, match="unsafe path"):
+    with pytest.raises(DataError, match="unsafe path"):
         debian.unpack(deb, package, tmp_path / "evil")
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "evil").exists()
     wrong = debian.DebPackage("evil", "1", hashlib.sha256(b"other").hexdigest(), "none")

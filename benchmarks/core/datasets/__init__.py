@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional
 
-from . import emoji, folder, han_glyphs, paper, spoken_words
+from . import emoji, folder, han_glyphs, paper, spoken_words, stored
 from .common import Splits
 
 Opener = Callable[[Any, Optional[Path], bool], Splits]
@@ -22,8 +22,7 @@ Opener = Callable[[Any, Optional[Path], bool], Splits]
 DATASETS: dict[str, Opener] = {
     "emoji": emoji.open_splits,
     "folder": folder.open_splits,
-    "han_glyphs": han_glyphs.open_splits,
-    "spoken_words": spoken_words.open_splits,
+    **{m.NAME: stored.opener(m.NAME, m.TITLE) for m in (han_glyphs, spoken_words)},
     **dict.fromkeys(paper.DATASETS, paper.open_splits),
 }
 BUILDERS: dict[str, ModuleType] = {

@@ -15,17 +15,16 @@ interrupted build resumes. Nothing is installed system-wide, and ``dpkg`` is not
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from .common import extract_tar
 from .stored import DatasetBuildError
 
 # The file in an unpacked package folder that records which .deb it came from.
@@ -135,28 +134,8 @@ def unpack(deb: Path, package: DebPackage, folder: Path) -> None:
         raise DatasetBuildError(
             f"{deb.name} has SHA-256 {actual}, but {package.spec} is pinned to {package.sha256}"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=folder.parent))
-    try:
-        with tarfile.open(fileobj=io.BytesIO(_data_tar(deb)), mode="r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                path = PurePosixPath(member.name)
-                parts = [p for p in path.parts if p not in ("", ".")]
-                if path.is_absolute() or ".." in parts or not parts:
-                    raise DatasetBuildError(f"unsafe path {member.name!r} in {deb.name}")
-                target = tmp.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None  # regular files always have data
-                with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        (tmp / SOURCE_RECORD).write_text(package.sha256 + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    stamps = {SOURCE_RECORD: package.sha256 + "\n"}
+    extract_tar(_data_tar(deb), folder, deb.name, stamps=stamps)
 
 
 def _data_tar(deb: Path) -> bytes:

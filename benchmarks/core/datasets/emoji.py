@@ -53,7 +53,7 @@ from .. import report
 from ..errors import DataError
 from .common import Splits, split_halves
 from .npm import Package, fetch, npm_settings
-from .stored import CACHE_ROOT, build_root, open_build, write_build
+from .stored import CACHE_ROOT, open_build, write_build
 
 NAME = "emoji"
 NPZ_NAME = f"{NAME}.npz"
@@ -448,10 +448,11 @@ def open_splits(config: Any, data_root: Path | None, download: bool = False) -> 
     """The built dataset's train and test classes (the manifest's split). Without
     ``data_root`` the default cache is used, and built first when empty; a given folder must
     hold a build."""
-    if data_root is None and not (DEFAULT_CACHE / NPZ_NAME).is_file():
-        build_dataset(DEFAULT_CACHE)
+    root = DEFAULT_CACHE if data_root is None else Path(data_root)
+    if data_root is None and not (root / NPZ_NAME).is_file():
+        build_dataset(root)
     hint = f", or leave out --data-root to use (and build) {report.relative(DEFAULT_CACHE)}"
-    return open_build(NAME, "Emoji", build_root(NAME, data_root), hint)
+    return open_build(NAME, "Emoji", root, hint)
 
 
 # ----------------------------------------------------------------------------- CLI

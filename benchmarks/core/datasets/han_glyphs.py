@@ -49,18 +49,16 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont, features
 
 from . import debian
-from .common import Splits, seeded_order, split_halves
+from .common import seeded_order, split_halves
 from .stored import (
     DEFAULT_SOURCES,
     BuildOptions,
     DatasetBuildError,
     SourceOptions,
     add_common_arguments,
-    build_root,
     counts_line,
     hashed_uniforms,
     load_sources,
-    open_build,
     options_from_arguments,
     read_manifest,
     split_counts,
@@ -69,6 +67,7 @@ from .stored import (
 )
 
 NAME = "han_glyphs"
+TITLE = "Han glyphs"
 HAN_BLOCK = range(0x4E00, 0xA000)
 RENDER_SCALE = 4
 EM_FRACTION = 7 / 8
@@ -380,12 +379,6 @@ def build(
     arrays, manifest = read_faces(open_faces(selected, folders), packages, options)
     write_build(root, NAME, arrays, manifest)
     return root / f"{NAME}.npz"
-
-
-def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
-    """A build's train and test classes, from ``data_root`` or the builder's default output
-    (a run never builds it)."""
-    return open_build(NAME, "Han glyphs", build_root(NAME, data_root))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

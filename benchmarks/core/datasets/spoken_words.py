@@ -52,18 +52,16 @@ from typing import Any
 import numpy as np
 
 from . import debian, espeak_worker
-from .common import Splits, seeded_order, split_halves
+from .common import seeded_order, split_halves
 from .stored import (
     DEFAULT_SOURCES,
     BuildOptions,
     DatasetBuildError,
     SourceOptions,
     add_common_arguments,
-    build_root,
     counts_line,
     hashed_uniforms,
     load_sources,
-    open_build,
     options_from_arguments,
     read_manifest,
     split_counts,
@@ -72,6 +70,7 @@ from .stored import (
 )
 
 NAME = "spoken_words"
+TITLE = "Spoken words"
 WORD = re.compile(r"[a-z]{4,10}")
 PHONEME_VOICE = "en-us"
 # Spectrogram.
@@ -410,12 +409,6 @@ def build(
         )
     write_build(root, NAME, arrays, manifest)
     return root / f"{NAME}.npz"
-
-
-def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
-    """A build's train and test classes, from ``data_root`` or the builder's default output
-    (a run never builds it)."""
-    return open_build(NAME, "Spoken words", build_root(NAME, data_root))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -177,6 +177,16 @@ def open_build(name: str, title: str, root: Path, missing_hint: str = "") -> Spl
 def build_root(name: str, data_root: Path | None) -> Path:
     """Where a run reads dataset ``name``: ``data_root``, or the builder's default output."""
     return CACHE_ROOT / name if data_root is None else Path(data_root)
+
+
+def opener(name: str, title: str) -> Callable[[Any, Path | None, bool], Splits]:
+    """The :data:`..DATASETS` entry of a built dataset that a run never builds: it opens
+    ``data_root``, or the builder's default output."""
+
+    def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
+        return open_build(name, title, build_root(name, data_root))
+
+    return open_splits
 
 
 def raw_pixel_metrics(root: Path, name: str, split: str = "test") -> dict[str, float]:
