@@ -158,6 +158,9 @@ def test_cli_builds_and_prints_the_raw_baseline(sources, tmp_path, capsys):
     assert code == 0
     assert "6 classes, 18 images of 24x24" in out and "1 homophones skipped" in out
     assert '"recall_at_1"' in out
+    missing = str(tmp_path / "no-sources.json")
+    with pytest.raises(SystemExit, match=r"^error: cannot read the sources .*no-sources\.json"):
+        build_dataset.main(["spoken_words", "--out", str(tmp_path / "x"), "--sources", missing])
 
 
 def test_a_build_opens_for_a_run_as_its_manifests_split(sources, tmp_path):

@@ -76,7 +76,10 @@ def load_sources(name: str, path: Path | None = None) -> dict[str, Any]:
     """The sources of dataset ``name``: the pinned ones
     (``benchmarks/datasets_manifest/<name>.json``) unless a file of the same layout is given."""
     path = SOURCES_DIR / f"{name}.json" if path is None else path
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DatasetBuildError(f"cannot read the sources {path}: {error}") from None
 
 
 def hashed_uniforms(text: str, count: int) -> tuple[float, ...]:
