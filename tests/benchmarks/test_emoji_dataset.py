@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.core.datasets import emoji, npm
+from benchmarks.core.datasets import common, emoji, npm, stored
 from benchmarks.core.errors import DataError
 
 VENDOR = {v.key: v for v in emoji.VENDORS}
@@ -124,7 +124,7 @@ def built(packages: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _load(out: Path) -> tuple[dict[str, np.ndarray], dict]:
     with np.load(out / emoji.NPZ_NAME) as data:
         arrays = {k: data[k] for k in data.files}
-    return arrays, json.loads((out / emoji.MANIFEST_NAME).read_text(encoding="utf-8"))
+    return arrays, json.loads((out / stored.MANIFEST_NAME).read_text(encoding="utf-8"))
 
 
 def test_arrays_and_manifest(built: Path) -> None:
@@ -190,7 +190,7 @@ def test_images_are_composited_on_white_and_padded(built: Path) -> None:
 
 def test_rebuild_is_byte_identical(packages: Path, built: Path, tmp_path: Path) -> None:
     emoji.build_dataset(tmp_path, packages_root=packages, size=SIZE, vendors=[TWEMOJI, FLUENT_3D])
-    for name in (emoji.NPZ_NAME, emoji.MANIFEST_NAME):
+    for name in (emoji.NPZ_NAME, stored.MANIFEST_NAME):
         assert (tmp_path / name).read_bytes() == (built / name).read_bytes()
 
 
@@ -199,8 +199,8 @@ def test_split_is_class_disjoint_and_seeded(built: Path) -> None:
     train, test = manifest["split"]["train"], manifest["split"]["test"]
     assert sorted(train + test) == list(range(8)) and len(train) == len(test) == 4
     codes = [c["code_points"] for c in manifest["classes"]]
-    assert emoji.split_classes(codes, 0) == (train, test)
-    assert emoji.split_classes(codes, 1) != (train, test)
+    assert common.split_halves(codes, 0) == (train, test)
+    assert common.split_halves(codes, 1) != (train, test)
     counts = manifest["counts"]
     assert counts["train_images"] + counts["test_images"] == counts["images"] == 16
 
@@ -366,7 +366,7 @@ def test_extract_rejects_paths_outside_the_package(tmp_path: Path) -> None:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(payload, arcname="package/../../escaped")
     with pytest.raises(DataError, match="unsafe path"):
-        npm.extract(buffer.getvalue(), tmp_path / "pkg")
+        common.extract_tar(buffer.getvalue(), tmp_path / "pkg", "tarball", strip=1)
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "pkg").exists()
 
 

@@ -17,7 +17,9 @@ def test_every_shipped_recipe_loads() -> None:
     names = recipes.names()
     expected = [f"{d}_{n}" for d in ("cars", "cub", "sop") for n in (384, 512, 64)]
     expected += [f"proxyanchor_{d}_512" for d in ("cars", "cub", "sop")]
-    assert names == sorted([*expected, "emoji", "emoji_quick", "folder"])
+    assert names == sorted(
+        [*expected, "emoji", "emoji_quick", "folder", "han_glyphs", "spoken_words"]
+    )
     for name in names:
         recipe = recipes.load_recipe(name)
         assert recipe.name == name

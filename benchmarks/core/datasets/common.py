@@ -10,9 +10,13 @@ the facts a results file records about them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import io
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 import numpy as np
@@ -33,19 +37,67 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", 
 DISPLAY_SIDE = 128
 
 
-def class_split(keys: Sequence[Any], held_out: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Sorted class indices ``(kept, held)``: ``held_out`` classes chosen by a seeded hash.
+def seeded_order(keys: Sequence[Any], seed: Any) -> list[int]:
+    """Indices of ``keys`` ordered by the SHA-256 of ``f"{seed}:{key}"``: a seeded permutation
+    that depends on no RNG's version, and in which a key keeps its rank among the others when
+    keys are added."""
+    return sorted(
+        range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest()
+    )
 
-    Classes are ordered by the SHA-256 of ``f"{seed}:{key}"`` (a seeded permutation that does
-    not depend on any RNG's version); the first ``held_out`` are held out. ``keys`` name the
-    classes (names, code points, ids) so that a class keeps its side when others are added.
+
+def class_split(keys: Sequence[Any], held_out: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Sorted class indices ``(kept, held)``: the first ``held_out`` classes of the
+    :func:`seeded_order` are held out. ``keys`` name the classes (names, code points, ids) so
+    that a class keeps its side when others are added.
     """
     if not 0 < held_out < len(keys):
         raise ValueError(f"cannot hold out {held_out} of {len(keys)} classes")
-    order = sorted(
-        range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest()
-    )
+    order = seeded_order(keys, seed)
     return sorted(order[held_out:]), sorted(order[:held_out])
+
+
+def split_halves(keys: Sequence[Any], seed: int) -> tuple[list[int], list[int]]:
+    """The built datasets' split: class-disjoint ``(train, test)`` sorted class ids, train
+    the smaller half (the rest of a :func:`class_split` holding out half, rounded down)."""
+    test, train = class_split(keys, len(keys) // 2, seed)
+    return train, test
+
+
+def extract_tar(
+    archive: bytes, dest: Path, what: str, strip: int = 0, stamps: Mapping[str, str] | None = None
+) -> None:
+    """Extract the regular files of a tar ``archive`` into ``dest``, dropping the first
+    ``strip`` folders of each path, plus the text files ``stamps`` (name to content).
+
+    Links and devices are never needed (and could point outside ``dest``); an absolute path or
+    ``..`` is refused. The files go to a folder beside ``dest`` renamed at the end, so a broken
+    extraction never looks like a complete one.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                path = PurePosixPath(member.name)
+                parts = path.parts[strip:]
+                if not parts or path.is_absolute() or ".." in path.parts:
+                    raise DataError(f"unsafe path {member.name!r} in {what}")
+                target = tmp.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # regular files always have data
+                with source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out)
+        for name, text in (stamps or {}).items():
+            (tmp / name).write_text(text)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def held_out_count(classes: int, fraction: float) -> int:

@@ -33,12 +33,10 @@ nowhere else (a mistyped ``--data-root`` is an error, not a download).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import re
 import time
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,18 +46,18 @@ from typing import Any
 
 import numpy as np
 import PIL
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from .. import report
 from ..errors import DataError
-from .common import Splits, TensorImages, class_split
+from .common import Splits, split_halves
 from .npm import Package, fetch, npm_settings
+from .stored import CACHE_ROOT, open_build, write_build
 
-NPZ_NAME = "emoji.npz"
-MANIFEST_NAME = "manifest.json"
-DEFAULT_CACHE = report.REPO_ROOT / "benchmarks" / ".cache" / "emoji"
+NAME = "emoji"
+NPZ_NAME = f"{NAME}.npz"
+DEFAULT_CACHE = CACHE_ROOT / NAME
 RESAMPLE = Image.Resampling.LANCZOS
 # SVGs are rendered at twice the output size, then take the same resize as the bitmaps.
 SVG_SCALE = 2
@@ -274,13 +272,6 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(canvas.convert("RGB").resize((size, size), RESAMPLE), dtype=np.uint8)
 
 
-def split_classes(code_points: Sequence[str], seed: int) -> tuple[list[int], list[int]]:
-    """Class-disjoint halves ``(train, test)`` of sorted class ids; train gets the smaller half
-    (:func:`.common.class_split` of the code points)."""
-    test, train = class_split(code_points, len(code_points) // 2, seed)
-    return train, test
-
-
 def read_packages(
     packages_root: Path,
     *,
@@ -352,7 +343,7 @@ def read_packages(
         "labels": np.array([new_id for new_id, _, _, _ in rows], dtype=np.int64),
         "vendors": np.array([vendor_id for _, vendor_id, _, _ in rows], dtype=np.int64),
     }
-    train, test = split_classes([classes[c]["code_points"] for c in kept], seed)
+    train, test = split_halves([classes[c]["code_points"] for c in kept], seed)
     in_train = np.isin(arrays["labels"], train)
     per_vendor = np.bincount(arrays["vendors"], minlength=len(vendors))
     uses_svg = any(rel.endswith(".svg") for *_, rel in rows)
@@ -425,40 +416,6 @@ def read_packages(
 # ----------------------------------------------------------------------------- writing
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An ``np.load``-able npz whose zip entries carry a fixed date, unlike ``np.savez``."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name in sorted(arrays):
-            array = io.BytesIO()
-            np.lib.format.write_array(array, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, array.getvalue())
-    return buffer.getvalue()
-
-
-def write_dataset(
-    arrays: dict[str, np.ndarray], manifest: dict[str, Any], out_dir: Path
-) -> dict[str, Any]:
-    """Write ``emoji.npz`` and ``manifest.json`` (with the npz's sha256) into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    npz = _npz_bytes(arrays)
-    report.write_bytes(out_dir / NPZ_NAME, npz)
-    manifest = {
-        **manifest,
-        "npz": {
-            "file": NPZ_NAME,
-            "sha256": hashlib.sha256(npz).hexdigest(),
-            "arrays": {k: f"{a.dtype}{list(a.shape)}" for k, a in sorted(arrays.items())},
-        },
-    }
-    text = json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    report.write_bytes(out_dir / MANIFEST_NAME, text.encode("utf-8"))
-    return manifest
-
-
 def build_dataset(
     out_dir: Path,
     *,
@@ -481,19 +438,10 @@ def build_dataset(
         min_images=min_images,
         seed=seed,
     )
-    return write_dataset(arrays, manifest, out_dir)
+    return write_build(out_dir, NAME, arrays, manifest)
 
 
 # ----------------------------------------------------------------------------- reading a build
-
-
-def load(root: Path) -> tuple[TensorImages, dict[str, Any]]:
-    """A built dataset (all classes, labels = manifest class ids) and its manifest."""
-    manifest = _read_json(root / MANIFEST_NAME)
-    names = [c.get("short_name", str(c["id"])) for c in manifest["classes"]]
-    with np.load(root / NPZ_NAME) as data:
-        images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).contiguous()
-        return TensorImages(images, data["labels"], names), manifest
 
 
 def open_splits(config: Any, data_root: Path | None, download: bool = False) -> Splits:
@@ -501,24 +449,10 @@ def open_splits(config: Any, data_root: Path | None, download: bool = False) -> 
     ``data_root`` the default cache is used, and built first when empty; a given folder must
     hold a build."""
     root = DEFAULT_CACHE if data_root is None else Path(data_root)
-    if not (root / NPZ_NAME).is_file():
-        if data_root is not None:
-            raise DataError(
-                f"no emoji dataset in {root} ({NPZ_NAME} missing): build one there with "
-                f"`python -m benchmarks.build_dataset emoji --out {root}`, or leave out "
-                f"--data-root to use (and build) {report.relative(DEFAULT_CACHE)}"
-            )
+    if data_root is None and not (root / NPZ_NAME).is_file():
         build_dataset(root)
-    everything, manifest = load(root)
-    info = {
-        "name": "emoji",
-        "title": "Emoji",
-        "root": report.relative(root),
-        "npz_sha256": manifest.get("npz", {}).get("sha256"),
-        "image_size": manifest.get("size"),
-    }
-    split = manifest["split"]
-    return Splits(everything.select(split["train"]), everything.select(split["test"]), info)
+    hint = f", or leave out --data-root to use (and build) {report.relative(DEFAULT_CACHE)}"
+    return open_build(NAME, "Emoji", root, hint)
 
 
 # ----------------------------------------------------------------------------- CLI

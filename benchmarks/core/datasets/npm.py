@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
-import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .. import report
 from ..errors import DataError
+from .common import extract_tar
 
 DEFAULT_REGISTRY = "https://registry.npmjs.org/"
 ABBREVIATED_METADATA = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8"
@@ -165,36 +162,6 @@ def check_integrity(data: bytes, integrity: str, what: str) -> None:
         raise DataError(f"{what}: {algorithm} is {actual}, the registry says {expected}")
 
 
-def extract(tarball: bytes, dest: Path, what: str = "tarball") -> None:
-    """Extract the regular files of an npm tarball into ``dest``, dropping its top folder.
-
-    Links and devices are never needed (and could point outside ``dest``); an absolute path or
-    ``..`` is refused. The files go to a folder beside ``dest`` renamed at the end, so a broken
-    extraction never looks like a package.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = PurePosixPath(member.name).parts[1:]
-                if not parts or PurePosixPath(member.name).is_absolute() or ".." in parts:
-                    raise DataError(f"unsafe path {member.name!r} in {what}")
-                target = tmp.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None  # regular files always have data
-                with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def fetch(package: Package, root: Path, settings: Mapping[str, str] | None = None) -> Path:
     """Download, verify and extract ``package`` under ``root`` unless already there."""
     folder = package.folder(root)
@@ -208,5 +175,5 @@ def fetch(package: Package, root: Path, settings: Mapping[str, str] | None = Non
     else:  # registries from before SRI only give the tarball's sha1
         digest = base64.b64encode(bytes.fromhex(dist["shasum"])).decode()
         check_integrity(data, f"sha1-{digest}", package.spec)
-    extract(data, folder, package.spec)
+    extract_tar(data, folder, package.spec, strip=1)  # npm tarballs hold package/...
     return folder
