@@ -50,7 +50,6 @@ import argparse
 import dataclasses
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -795,11 +794,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    with cli.report_errors():
-        run(args, argv)
-    return 0
+    return cli.main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -332,11 +331,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    with cli.report_errors():
-        run(args, argv)
-    return 0
+    return cli.main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

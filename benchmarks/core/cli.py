@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -91,3 +92,18 @@ def report_errors() -> Iterator[None]:
         yield
     except BenchmarkError as error:
         raise SystemExit(f"error: {one_line(error)}") from None
+
+
+def main(
+    parse_args: Callable[[list[str]], argparse.Namespace],
+    run: Callable[[argparse.Namespace, list[str]], None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A script's entry point: parse ``argv`` (the command line when None), then ``run`` with
+    the parsed arguments and ``argv`` (for the command recorded in the results), turning
+    user errors into one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    with report_errors():
+        run(args, argv)
+    return 0
