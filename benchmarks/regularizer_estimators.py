@@ -712,8 +712,8 @@ def notes(results: dict[str, Any]) -> str:
         "(same Adam state, same classification gradient).\n",
         "The Adam-update error is a norm over all proxies, dominated by the rows the "
         "classification gradient moves; the gradient error is the regulariser's alone.\n",
-        "Timings: indicative only, measured on a machine shared with other jobs (load "
-        "average in the environment and per shape).\n",
+        "Timings are comparable only inside this run, and only where nothing else ran: the "
+        "load averages per shape and in the environment say whether other jobs did.\n",
     ]
     for name, result in results.items():
         shape = result["shape"]
