@@ -56,9 +56,11 @@ from .stored import (
     DatasetBuildError,
     SourceOptions,
     add_common_arguments,
+    add_option_arguments,
     counts_line,
     hashed_uniforms,
     load_sources,
+    option,
     options_from_arguments,
     read_manifest,
     split_counts,
@@ -81,10 +83,14 @@ class GlyphOptions(BuildOptions):
     """How many classes and faces, at what size and placement jitter (see the module notes)."""
 
     size: int = 32
-    classes: int = 500
-    faces_per_class: int = 32
-    jitter: float = 0.5
-    min_images: int = 2
+    classes: int = option(500, "Han characters")
+    faces_per_class: int = option(32, "faces kept per class (0: all)")
+    jitter: float = option(
+        0.5,
+        "placement jitter in [0, 1] (0: centred; 1: up to 40%% smaller, turned up to 15 "
+        "degrees, anywhere in the margin)",
+    )
+    min_images: int = option(2, "fewest images per class")
 
 
 @dataclass(frozen=True)
@@ -383,25 +389,8 @@ def build(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The builder's options."""
-    defaults = GlyphOptions()
-    add_common_arguments(parser, NAME, defaults.size)
-    parser.add_argument("--classes", type=int, default=defaults.classes, help="Han characters")
-    parser.add_argument(
-        "--faces-per-class",
-        type=int,
-        default=defaults.faces_per_class,
-        help="faces kept per class (0: all)",
-    )
-    parser.add_argument(
-        "--jitter",
-        type=float,
-        default=defaults.jitter,
-        help="placement jitter in [0, 1] (0: centred; 1: up to 40%% smaller, turned up to "
-        "15 degrees, anywhere in the margin)",
-    )
-    parser.add_argument(
-        "--min-images", type=int, default=defaults.min_images, help="fewest images per class"
-    )
+    add_common_arguments(parser, NAME, GlyphOptions.size)
+    add_option_arguments(parser, GlyphOptions)
     parser.add_argument("--faces", help="comma-separated face keys (default: all pinned faces)")
 
 

@@ -59,9 +59,11 @@ from .stored import (
     DatasetBuildError,
     SourceOptions,
     add_common_arguments,
+    add_option_arguments,
     counts_line,
     hashed_uniforms,
     load_sources,
+    option,
     options_from_arguments,
     read_manifest,
     split_counts,
@@ -85,10 +87,12 @@ class SpeechOptions(BuildOptions):
     """How many words and speakers, at what image size and window (see the module notes)."""
 
     size: int = 48
-    classes: int = 800
-    speakers_per_class: int = 12
-    window: float = 1.0
-    jitter: float = 0.5
+    classes: int = option(800, "words")
+    speakers_per_class: int = option(12, "speakers saying each word")
+    window: float = option(1.0, "seconds of sound per image")
+    jitter: float = option(
+        0.5, "placement jitter in [0, 1] (0: centred; 1: anywhere in the window)"
+    )
 
 
 @dataclass(frozen=True)
@@ -413,24 +417,8 @@ def build(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The builder's options."""
-    defaults = SpeechOptions()
-    add_common_arguments(parser, NAME, defaults.size)
-    parser.add_argument("--classes", type=int, default=defaults.classes, help="words")
-    parser.add_argument(
-        "--speakers-per-class",
-        type=int,
-        default=defaults.speakers_per_class,
-        help="speakers saying each word",
-    )
-    parser.add_argument(
-        "--window", type=float, default=defaults.window, help="seconds of sound per image"
-    )
-    parser.add_argument(
-        "--jitter",
-        type=float,
-        default=defaults.jitter,
-        help="placement jitter in [0, 1] (0: centred; 1: anywhere in the window)",
-    )
+    add_common_arguments(parser, NAME, SpeechOptions.size)
+    add_option_arguments(parser, SpeechOptions)
 
 
 def build_from_arguments(args: argparse.Namespace) -> str:

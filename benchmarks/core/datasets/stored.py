@@ -20,7 +20,7 @@ import io
 import json
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -213,6 +213,23 @@ def counts_line(manifest: dict[str, Any]) -> str:
         f"(train {counts['train_classes']} classes / {counts['train_images']} images, "
         f"test {counts['test_classes']} / {counts['test_images']})"
     )
+
+
+def option(default: Any, help: str) -> Any:
+    """A builder option's field: its default and the help of its ``--flag``."""
+    return field(default=default, metadata={"help": help})
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, cls: type[BuildOptions]) -> None:
+    """One ``--flag`` per field of ``cls`` declared with :func:`option`, of its default's type."""
+    for declared in fields(cls):
+        if "help" in declared.metadata:
+            parser.add_argument(
+                f"--{declared.name.replace('_', '-')}",
+                type=type(declared.default),
+                default=declared.default,
+                help=declared.metadata["help"],
+            )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str, size: int) -> None:
