@@ -237,6 +237,14 @@ def test_cpu_largest_equals_torch_topk(monkeypatch, dtype, chunk_elements, threa
         torch.set_num_threads(previous_threads)
 
 
+@pytest.mark.parametrize("high", [1, 7, 1 << 16, 1 << 40])
+@pytest.mark.parametrize("shape", [(0,), (1,), (500,), (6, 97)])
+def test_cpu_stable_argsort_equals_torch_stable_argsort(high, shape):
+    """The radix passes over 16-bit digits (one, two or three of them), with many ties."""
+    keys = torch.randint(0, high, shape, generator=torch.Generator().manual_seed(high))
+    assert torch.equal(gml._stable_argsort(keys), keys.argsort(dim=-1, stable=True))
+
+
 def test_selection_with_ties():
     """Tied similarities: still k distinct proxies, positives first, the k largest values."""
     base = torch.randn(6, 8, dtype=torch.float64)
