@@ -1240,6 +1240,104 @@ def regularizer_sum(
     return summed
 
 
+def _gram_regularizer_blocks(
+    units: torch.Tensor, tile: int, with_gradient: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """With one proxy per class, the regulariser's summed cross-entropy T and dT/dP.
+
+    The logits are the symmetric Gram matrix L = P P^T, so T = sum_i lse_i - sum_i L_ii
+    and dT/dP = (R + R^T) P with R = softmax(L) - I, where by symmetry
+    (R + R^T)_ij = exp(L_ij) (exp(-lse_i) + exp(-lse_j)) - 2 delta_ij: one product with P
+    per tile once the row normalisers are known. Only tiles on and above the diagonal are
+    formed (a tile also gives its mirror's row sums and gradient), so the cost is two
+    C x C x d products instead of ``_regularizer_blocks``'s three: half of L for the
+    normalisers, half again (or none, when one tile holds L and is kept) and (R + R^T) P.
+    Logits are shifted by max_i |p_i|^2, above every L_ij (Cauchy-Schwarz), so no exp
+    overflows.
+    """
+    starts = range(0, len(units), tile)
+    squared_norms = units.square().sum(dim=1)
+    shift = squared_norms.amax()
+    kept: dict[tuple[int, int], torch.Tensor] = {}
+
+    def shifted_exp(row: int, column: int) -> torch.Tensor:
+        if (row, column) in kept:
+            return kept[row, column]
+        block = units[row : row + tile] @ units[column : column + tile].T
+        return block.sub_(shift).exp_()
+
+    row_sums = torch.zeros_like(squared_norms)
+    for row in starts:
+        for column in (c for c in starts if c >= row):
+            block = shifted_exp(row, column)
+            row_sums[row : row + tile] += block.sum(dim=1)
+            if column != row:
+                row_sums[column : column + tile] += block.sum(dim=0)
+            if len(starts) == 1:
+                kept[row, column] = block
+    log_normalizers = row_sums.log() + shift
+    total = log_normalizers.sum() - squared_norms.sum()
+    if not with_gradient:
+        return total, None
+    scales = (shift - log_normalizers).exp()  # exp(L_ij - lse_i) = exp(L_ij - shift) * scale_i
+    grad = units.mul(-2)
+    for row in starts:
+        for column in (c for c in starts if c >= row):
+            block = shifted_exp(row, column)
+            block *= scales[row : row + tile, None] + scales[None, column : column + tile]
+            grad[row : row + tile].addmm_(block, units[column : column + tile])
+            if column != row:
+                grad[column : column + tile].addmm_(block.T, units[row : row + tile])
+    return total, grad
+
+
+class _GramRegularizerSum(torch.autograd.Function):
+    """``_gram_regularizer_blocks``'s T of unit proxies P (one per class), its gradient
+    (R + R^T) P computed in forward; a recorded backward rebuilds it differentiably from
+    the general two-matrix form (anchors and class sums both P), so T stays twice
+    differentiable."""
+
+    @staticmethod
+    def forward(units, tile):
+        return _gram_regularizer_blocks(units, tile, with_gradient=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        units, ctx.tile = inputs
+        _, grad_units = output
+        ctx.mark_non_differentiable(grad_units)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(units, grad_units)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_units):
+        if grad is None:
+            return None, None
+        units, grad_units = ctx.saved_tensors
+        if torch.is_grad_enabled() and (grad.requires_grad or units.requires_grad):
+            classes = torch.arange(len(units), device=units.device)
+            rows_per_block = max(1, ctx.tile**2 // len(units))
+            as_anchors, as_class_sums = _differentiable_regularizer_gradients(
+                units, units, classes, rows_per_block
+            )
+            grad_units = as_anchors + as_class_sums
+        return grad_units * grad, None
+
+
+def gram_regularizer_sum(
+    units: torch.Tensor, block_elements: int = DEFAULT_REGULARIZER_BLOCK_ELEMENTS
+) -> torch.Tensor:
+    """``regularizer_sum`` for one proxy per class and every proxy an anchor (anchors and
+    class sums are both ``units``), through the symmetric Gram matrix: square tiles of
+    about ``block_elements`` logits (see ``_gram_regularizer_blocks``)."""
+    tile = max(1, math.isqrt(block_elements))
+    if torch.is_grad_enabled() and units.requires_grad:
+        summed, _ = _GramRegularizerSum.apply(units, tile)
+        return summed
+    summed, _ = _gram_regularizer_blocks(units, tile, with_gradient=False)
+    return summed
+
+
 def proxy_regularizer(
     normalized_proxies: torch.Tensor,
     proxies_per_class: int,
@@ -1251,7 +1349,9 @@ def proxy_regularizer(
     Proxy j's logit for class c is the sum of its cosines to every proxy of c (itself
     included), i.e. ``p_j . U_c`` with ``U_c`` the sum of class c's proxies, so the cost is
     O(CN * C * d) time and never a (CN, C) or (CN, CN) matrix: rows are processed in
-    blocks of about ``block_elements`` logits (see ``regularizer_sum``).
+    blocks of about ``block_elements`` logits (see ``regularizer_sum``). With one proxy
+    per class and no ``rows`` the logits are a symmetric Gram matrix, which costs a third
+    less (``gram_regularizer_sum``).
 
     Args:
         normalized_proxies: (CN, d) unit-norm proxies, class-major.
@@ -1262,6 +1362,8 @@ def proxy_regularizer(
             all CN proxies, the exact L^p, when None.
     """
     total, dim = normalized_proxies.shape
+    if proxies_per_class == 1 and rows is None:
+        return gram_regularizer_sum(normalized_proxies, block_elements) / total
     num_classes = total // proxies_per_class
     class_sums = normalized_proxies.view(num_classes, proxies_per_class, dim).sum(dim=1)
     if rows is None:

@@ -200,6 +200,25 @@ def test_proxy_regularizer_equals_dense_cross_entropy():
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("block_elements", [1, 9, 16, 99, 10**6])  # tiles of 1, 3, 4, 9, all
+def test_one_proxy_per_class_regularizer_through_the_gram_matrix(block_elements):
+    """N = 1: the symmetric-Gram path against the dense cross-entropy (value and gradient)
+    and against the general anchors-and-class-sums path, ragged last tiles included."""
+    raw = torch.randn(10, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    proxies = F.normalize(raw, dim=1).requires_grad_()
+    classes = torch.arange(10)
+    expected = F.cross_entropy(proxies @ proxies.T, classes)
+    (expected_grad,) = torch.autograd.grad(expected, proxies)
+    actual = gml.proxy_regularizer(proxies, 1, block_elements)
+    (actual_grad,) = torch.autograd.grad(actual, proxies)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-10, atol=1e-14)
+    general = gml.regularizer_sum(proxies, proxies, classes, block_elements) / 10
+    torch.testing.assert_close(actual, general, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(gml.proxy_regularizer(proxies, 1, block_elements), expected)
+
+
 @pytest.mark.parametrize("labelled", [True, False])
 def test_streamed_selection_equals_one_shot(labelled):
     generator = torch.Generator().manual_seed(3)

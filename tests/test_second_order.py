@@ -181,6 +181,17 @@ def test_proxy_regularizer_passes_gradgradcheck(sampled, block_elements):
     assert torch.autograd.gradgradcheck(regularizer, (proxies,))
 
 
+@pytest.mark.parametrize("block_elements", [4, 10**6])  # tiles of 2 (ragged) and one tile
+def test_one_proxy_per_class_regularizer_passes_gradgradcheck(block_elements):
+    """The symmetric-Gram path (N = 1, every proxy an anchor) is twice differentiable."""
+    proxies = torch.randn(5, 4, generator=generator(12), dtype=torch.float64).requires_grad_()
+
+    def regularizer(p):
+        return gml.proxy_regularizer(F.normalize(p, dim=1), 1, block_elements)
+
+    assert torch.autograd.gradgradcheck(regularizer, (proxies,))
+
+
 @pytest.mark.parametrize("block_elements", [3, 10**6])
 def test_regularizer_sum_second_derivatives(block_elements):
     """Anchors and class sums as independent inputs: gradgradcheck and plain autograd."""
