@@ -88,6 +88,74 @@ def aggregate(runs: Runs, metrics: Sequence[str]) -> list[dict[str, Any]]:
     return table
 
 
+# The loss the per-second comparison measures the others against, when it ran.
+PER_SECOND_REFERENCE = "proxyanchor"
+
+
+def seconds_to_reach(seeds: Sequence[Sequence[Mapping[str, Any]]], level: float) -> float | None:
+    """Mean cumulative training seconds at the first evaluated epoch whose Recall@1, mean over
+    seeds, reaches ``level`` (None if none does): read off the curve of ``recall_vs_seconds``,
+    without interpolation between evaluated epochs."""
+    c = curve(seeds)
+    reached = np.flatnonzero(c["mean"] >= level)
+    return float(c["seconds"][reached[0]]) if len(reached) else None
+
+
+def per_second(runs: Runs, reference: str = PER_SECOND_REFERENCE) -> list[dict[str, Any]]:
+    """Per loss: training seconds per epoch and when its mean curve reaches the reference
+    loss's final Recall@1 (mean over seeds), each also as a ratio to the reference's own
+    seconds per epoch and total training seconds. Empty without the reference loss."""
+    if reference not in runs:
+        return []
+    rows = aggregate(runs, [KEY_METRIC])
+    by_loss = {row["loss"]: row for row in rows}
+    target = by_loss[reference][f"{KEY_METRIC}_mean"]
+    reference_row = by_loss[reference]
+    table = []
+    for row in rows:
+        reached = seconds_to_reach(runs[row["loss"]], target)
+        table.append(
+            {
+                "loss": row["loss"],
+                "recall": row[f"{KEY_METRIC}_mean"],
+                "seconds_per_epoch": row["seconds_per_epoch"],
+                "x_reference_epoch": row["seconds_per_epoch"] / reference_row["seconds_per_epoch"],
+                "seconds_to_reference_recall": reached,
+                "x_reference_total": None
+                if reached is None
+                else reached / reference_row["train_seconds"],
+            }
+        )
+    return table
+
+
+def per_second_text(rows: Sequence[Mapping[str, Any]], reference: str) -> str:
+    """The summary's per-second section from :func:`per_second`'s rows ("" without them)."""
+    if not rows:
+        return ""
+    label = LOSSES[reference].label
+    target = next(row["recall"] for row in rows if row["loss"] == reference)
+    cells = [
+        {**row, "loss": LOSSES[row["loss"]].label, "recall": f"{row['recall']:.3f}"} for row in rows
+    ]
+    columns = {
+        "loss": "Loss",
+        "recall": "final R@1",
+        "seconds_per_epoch": "train s/epoch",
+        "x_reference_epoch": f"x {label} s/epoch",
+        "seconds_to_reference_recall": f"s to R@1 {target:.3f}",
+        "x_reference_total": f"x {label} total s",
+    }
+    return (
+        "## Per second\n\n"
+        f"When each loss's Recall@1 curve (mean over seeds, evaluated epochs) first reaches "
+        f"{label}'s final Recall@1 ({target:.3f}), in cumulative training seconds, and that "
+        f"time over {label}'s whole training; empty where it never does.\n\n"
+        + report.markdown_table(cells, columns)
+        + "\n\n"
+    )
+
+
 def _mean_std(mean: float, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
@@ -324,6 +392,7 @@ def write_summary(
     """``summary.md`` and ``summary.json``; returns the results table."""
     seeds = recipe.train.seeds
     rows = aggregate(runs, metrics)
+    speed = per_second(runs)
     table = summary_table(rows, metrics)
     labels = " vs ".join(LOSSES[name].label for name in runs)
     notes = (
@@ -336,6 +405,7 @@ def write_summary(
         + loss_table(recipe, list(runs))
         + "\n"
         + extra_sections
+        + per_second_text(speed, PER_SECOND_REFERENCE)
         + "## Results\n"
     )
     report.write_markdown(
@@ -344,6 +414,7 @@ def write_summary(
     t, plan = recipe.train, recipe.plan(next(iter(runs)), seeds[0])
     extra = {
         "command_seconds": elapsed,
+        "per_second": {"reference": PER_SECOND_REFERENCE, "rows": speed},
         "dataset": dict(dataset),
         "settings": {
             "epochs": t.epochs,

@@ -1,0 +1,50 @@
+"""The summary's per-second comparison, on hand-made runs."""
+
+import pytest
+
+from benchmarks.core import summary
+
+KEY = summary.KEY_METRIC
+
+
+def run(recalls, seconds_per_epoch):
+    """One run's rows: Recall@1 per epoch, a constant epoch time."""
+    return [
+        {
+            "epoch": epoch,
+            "train_seconds": seconds_per_epoch,
+            "cumulative_seconds": epoch * seconds_per_epoch,
+            "eval_seconds": 1.0,
+            "load_average": 1.5,
+            KEY: recall,
+        }
+        for epoch, recall in enumerate(recalls, start=1)
+    ]
+
+
+RUNS = {
+    # final Recall@1 0.5 (mean of 0.48 and 0.52); 4 epochs of 10 s
+    "proxyanchor": [run([0.2, 0.3, 0.4, 0.48], 10.0), run([0.2, 0.3, 0.45, 0.52], 10.0)],
+    # mean curve 0.35, 0.5, 0.55, 0.6: reaches 0.5 after 2 epochs of 12 s
+    "proxygml_cached": [run([0.3, 0.5, 0.55, 0.6], 12.0), run([0.4, 0.5, 0.55, 0.6], 12.0)],
+    # never reaches 0.5
+    "proxynca": [run([0.1, 0.2, 0.3, 0.4], 8.0), run([0.1, 0.2, 0.3, 0.4], 8.0)],
+}
+
+
+def test_per_second_reads_the_mean_curves_against_the_reference():
+    rows = {row["loss"]: row for row in summary.per_second(RUNS)}
+    assert rows["proxygml_cached"]["seconds_to_reference_recall"] == pytest.approx(24.0)
+    assert rows["proxygml_cached"]["x_reference_total"] == pytest.approx(24.0 / 40.0)
+    assert rows["proxygml_cached"]["x_reference_epoch"] == pytest.approx(1.2)
+    assert rows["proxyanchor"]["seconds_to_reference_recall"] == pytest.approx(40.0)
+    assert rows["proxynca"]["seconds_to_reference_recall"] is None
+    assert rows["proxynca"]["x_reference_total"] is None
+    text = summary.per_second_text(summary.per_second(RUNS), "proxyanchor")
+    assert "s to R@1 0.500" in text and "x ProxyAnchor total s" in text
+
+
+def test_no_per_second_section_without_the_reference_loss():
+    runs = {name: seeds for name, seeds in RUNS.items() if name != "proxyanchor"}
+    assert summary.per_second(runs) == []
+    assert summary.per_second_text([], "proxyanchor") == ""
