@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pml_proxygml.evaluation import recall_key
+
 from . import datasets, models, registry
 from .datasets.common import seeded_order
 from .errors import RecipeError
@@ -210,7 +212,7 @@ class TuningConfig:
     trials: int = 6
     seed: int = 0
     epochs: int | None = None
-    metric: str = "recall_at_1"
+    metric: str = recall_key(1)
 
     def validate(self, recipe: Recipe) -> None:
         if not 0 < self.validation_fraction < 1:
@@ -218,7 +220,7 @@ class TuningConfig:
         if self.trials < 1 or (self.epochs is not None and self.epochs < 1):
             raise RecipeError("tuning.trials and tuning.epochs must be positive")
         e = recipe.evaluation
-        evaluated = [*(f"recall_at_{k}" for k in e.recall_ks), *e.metrics]
+        evaluated = [*map(recall_key, e.recall_ks), *e.metrics]
         if self.metric not in evaluated:
             raise RecipeError(
                 f"tuning.metric: {self.metric!r} is not evaluated; the recipe evaluates "
@@ -232,7 +234,10 @@ class TuningConfig:
             if not SPACE_NAME.match(name):
                 raise RecipeError(f"{where}: a space name is letters, digits, '_' and '-'")
             check_space(recipe, raw, space, where)
-            space.draw(tuning_defaults(raw, space), self.trials, self.seed)
+            try:
+                space.draw(tuning_defaults(raw, space), self.trials, self.seed)
+            except RecipeError as error:
+                raise RecipeError(f"{where}.grid: {error}") from None
 
 
 def check_space(recipe: Recipe, raw: Mapping[str, Any], space: TuningSpace, where: str) -> None:
