@@ -218,6 +218,15 @@ def test_tuned_recipe_extends_the_tuned_one_with_the_choice(
     assert json.loads(capsys.readouterr().out)["name"] == "tiny_tuned"
 
 
+def test_extends_takes_a_path_relative_to_the_file_and_refuses_loops(tmp_path: Path) -> None:
+    first = write_recipe(tmp_path / "a", {"extends": "../b/second.json", "name": "first"})
+    write_recipe(tmp_path / "b", {"extends": "emoji", "name": "second", "train": {"epochs": 3}})
+    assert recipes.load_recipe(str(first)).train.epochs == 3
+    write_recipe(tmp_path / "b", {"extends": "../a/first.json", "name": "second"})
+    with pytest.raises(RecipeError, match="'extends' loops through"):
+        recipes.load_recipe(str(first))
+
+
 def test_rerun_skips_finished_trials(
     tuned: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
