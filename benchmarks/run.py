@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n", 1)[0],
         epilog="recipes (benchmarks/recipes/<name>.json):\n" + recipes.describe_all(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[cli.common_flags("out", "device", "data_root")],
+        parents=[cli.common_flags("out", "device", "data_root", "overrides")],
     )
     parser.add_argument("--recipe", help="a recipe name (listed below) or a .json file")
     parser.add_argument(
@@ -60,15 +60,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the recipe's)")
     parser.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe overrides, e.g. train.batch_size=64 losses.proxygml.settings.r=0.1",
-    )
     parser.add_argument("--download", action="store_true", help="let PML download a paper dataset")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--show", action="store_true", help="print the resolved recipe and exit")

@@ -1,10 +1,11 @@
 """The benchmark core: everything the benchmark scripts share.
 
-Imports flow one way: the scripts (``benchmarks/run.py``, ``loss_speed.py``, ``scale_checks.py``,
-``distributed_scaling.py``, ``selection_speed.py``, ``build_dataset.py``) import this package,
-which imports the library (``pml_proxygml``) and never a script.
+Imports flow one way: the scripts (``benchmarks/run.py``, ``tune.py``, ``loss_speed.py``,
+``scale_checks.py``, ``distributed_scaling.py``, ``selection_speed.py``, ``build_dataset.py``)
+import this package, which imports the library (``pml_proxygml``) and never a script.
 
-* :mod:`.recipes`: recipes as JSON data (``benchmarks/recipes/*.json``) and ``--set`` overrides;
+* :mod:`.recipes`: recipes as JSON data (``benchmarks/recipes/*.json``), ``--set`` overrides
+  and tuning sections;
 * :mod:`.registry`: one name per loss, shared by every script;
 * :mod:`.models`: backbones, pooling trunk and embedding head;
 * :mod:`.transforms` and :mod:`.datasets`: one random resized crop, one class split, the emoji,

@@ -59,6 +59,17 @@ FLAGS = {
         {"type": Path, "help": "the dataset's folder (default: the recipe's, where it has one)"},
     ),
     "no_progress": (("--no-progress",), {"action": "store_true", "help": "no progress bars"}),
+    "overrides": (
+        ("--set",),
+        {
+            "dest": "overrides",
+            "nargs": "+",
+            "action": "extend",
+            "default": [],
+            "metavar": "KEY=VALUE",
+            "help": "recipe overrides, e.g. train.batch_size=64 losses.proxygml.settings.r=0.1",
+        },
+    ),
 }
 
 

@@ -10,25 +10,32 @@ A recipe says everything that changes a run's numbers, in sections (each a datac
 * ``evaluation``: the Recall@K list and the other metrics;
 * ``losses``: the losses the recipe can train, each with its keyword arguments (``settings``)
   and, where it differs from ``train.loss_optimizer``, its own proxy ``optimizer``;
-* ``reported``: published numbers to compare with (``--table``); ``notes``: free text.
+* ``reported``: published numbers to compare with (``--table``); ``notes``: free text;
+* ``tuning``: optional, what ``python -m benchmarks.tune`` tries on validation classes.
 
 ``"extends": "<recipe>"`` starts from another recipe and changes only what it names (objects
 merge key by key). Epoch lists are text: ``"1,2,35-50"``, ``"all"``, ``""`` (none) or
 percentages of the run's epochs, ``"40%,80%"`` (rounded; kept when strictly inside the run).
 ``--set KEY=VALUE`` changes any existing key (dotted path, JSON value) and may add keys under
-``losses.<loss>.settings`` (loss keyword arguments) and new losses under ``losses``.
+``losses.<loss>.settings`` (loss keyword arguments) and new losses under ``losses``. A
+relative ``.json`` path in ``extends`` is relative to the extending file's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pml_proxygml.evaluation import recall_key
+
 from . import datasets, models, registry
+from .datasets.common import seeded_order
 from .errors import RecipeError
 from .harness import OptimizerSpec, TrainPlan
 
@@ -160,6 +167,114 @@ class Reported:
 
 
 @dataclass(frozen=True)
+class TuningSpace:
+    """Trials scored on ``losses`` (the mean of the metric): each sets every dotted recipe key
+    of ``grid`` (the keys ``--set`` takes) to one of its candidate values. Several losses and
+    shared keys tune the shared recipe; one loss and its own keys, that loss."""
+
+    losses: tuple[str, ...]
+    grid: dict[str, tuple[Any, ...]]
+
+    def draw(self, defaults: Sequence[Any], trials: int, seed: int) -> list[dict[str, Any]]:
+        """``trials`` settings: the recipe's own values (``defaults``, one per grid key), then
+        distinct others from the grid in a seeded order (a sample without replacement)."""
+        others = [
+            values
+            for values in itertools.product(*self.grid.values())
+            if list(values) != list(defaults)
+        ]
+        order = seeded_order([json.dumps(values) for values in others], seed)
+        if len(order) < trials - 1:
+            raise RecipeError(
+                f"the grid has {len(order)} combinations besides the recipe's own values, "
+                f"fewer than the {trials - 1} trials after trial 0"
+            )
+        picked = [defaults, *(others[i] for i in order[: trials - 1])]
+        return [dict(zip(self.grid, values)) for values in picked]
+
+
+# Keys no trial may change: every trial evaluates the same validation split with one seed.
+UNTUNABLE_KEYS = re.compile(r"^(dataset|tuning)(\.|$)|^train\.seeds$")
+SPACE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """How ``python -m benchmarks.tune`` tunes this recipe: ``trials`` settings per space,
+    each trained with one ``seed`` (which also seeds the draw of the trials) for ``epochs``
+    (None: the recipe's) on the training classes left after holding out
+    ``validation_fraction`` of them, and scored by the final epoch's ``metric`` on those
+    validation classes. ``spaces`` are tuned in order, each on top of the earlier ones'
+    choices."""
+
+    spaces: dict[str, TuningSpace]
+    validation_fraction: float = 0.2
+    trials: int = 6
+    seed: int = 0
+    epochs: int | None = None
+    metric: str = recall_key(1)
+
+    def validate(self, recipe: Recipe) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise RecipeError("tuning.validation_fraction must be in (0, 1)")
+        if self.trials < 1 or (self.epochs is not None and self.epochs < 1):
+            raise RecipeError("tuning.trials and tuning.epochs must be positive")
+        e = recipe.evaluation
+        evaluated = [*map(recall_key, e.recall_ks), *e.metrics]
+        if self.metric not in evaluated:
+            raise RecipeError(
+                f"tuning.metric: {self.metric!r} is not evaluated; the recipe evaluates "
+                f"{', '.join(evaluated)}"
+            )
+        if not isinstance(self.spaces, Mapping) or not self.spaces:
+            raise RecipeError("tuning.spaces: expected an object naming at least one space")
+        raw = recipe.to_dict()
+        for name, space in self.spaces.items():
+            where = f"tuning.spaces.{name}"
+            if not SPACE_NAME.match(name):
+                raise RecipeError(f"{where}: a space name is letters, digits, '_' and '-'")
+            check_space(recipe, raw, space, where)
+            try:
+                space.draw(tuning_defaults(raw, space), self.trials, self.seed)
+            except RecipeError as error:
+                raise RecipeError(f"{where}.grid: {error}") from None
+
+
+def check_space(recipe: Recipe, raw: Mapping[str, Any], space: TuningSpace, where: str) -> None:
+    """Its losses are the recipe's, and every candidate value, alone, makes a valid recipe
+    (``raw``: the recipe as a dict)."""
+    if not space.losses:
+        raise RecipeError(f"{where}.losses is empty")
+    for loss in space.losses:
+        try:
+            recipe.loss(registry.check_name(loss))
+        except RecipeError as error:
+            raise RecipeError(f"{where}.losses: {error}") from None
+    if not space.grid:
+        raise RecipeError(f"{where}.grid is empty")
+    for key, values in space.grid.items():
+        at = f"{where}.grid.{key}"
+        parts = key.split(".")
+        if UNTUNABLE_KEYS.match(key):
+            raise RecipeError(f"{at}: the tuning protocol fixes the split, the seed and itself")
+        if parts[0] == "losses" and (len(parts) < 3 or parts[1] not in space.losses):
+            raise RecipeError(f"{at}: a space tunes only the losses it scores ({space.losses})")
+        if not values:
+            raise RecipeError(f"{at}: no candidate values")
+        for value in values:
+            candidate = apply_values(raw, {key: value}, f"{at}={json.dumps(value)}")
+            try:
+                Recipe.from_dict({**candidate, "tuning": None})
+            except RecipeError as error:
+                raise RecipeError(f"{at}={json.dumps(value)}: {error}") from None
+
+
+def tuning_defaults(raw: Mapping[str, Any], space: TuningSpace) -> list[Any]:
+    """The recipe's own values of the space's keys: its trial 0."""
+    return [get_value(raw, key) for key in space.grid]
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
@@ -172,6 +287,7 @@ class Recipe:
     default_losses: tuple[str, ...] = ()
     reported: tuple[Reported, ...] = ()
     notes: tuple[str, ...] = ()
+    tuning: TuningConfig | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Recipe:
@@ -203,6 +319,8 @@ class Recipe:
                 raise RecipeError(f"train: {error}") from None
             if plan.loss_optimizer is None:  # every registered loss owns proxies
                 raise RecipeError(f"{name} needs train.loss_optimizer or losses.{name}.optimizer")
+        if self.tuning is not None:
+            self.tuning.validate(self)
 
     def loss(self, name: str) -> LossConfig:
         """``losses.<name>``; for a registry variant the recipe does not name, the entry of the
@@ -313,6 +431,12 @@ def _sections(cls: Any) -> Any:
     return convert
 
 
+def _grid(value: Any, where: str) -> dict[str, tuple[Any, ...]]:
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where}: expected an object of dotted keys to value lists")
+    return {key: _tuple(values, f"{where}.{key}") for key, values in value.items()}
+
+
 _CONVERTERS: dict[Any, dict[str, Any]] = {
     DataConfig: {"crop_scale": _tuple, "crop_ratio": _tuple},
     TrainConfig: {
@@ -322,6 +446,8 @@ _CONVERTERS: dict[Any, dict[str, Any]] = {
     },
     EvaluationConfig: {"recall_ks": _tuple, "metrics": _tuple},
     LossConfig: {"optimizer": _section(OptimizerSpec)},
+    TuningSpace: {"losses": _tuple, "grid": _grid},
+    TuningConfig: {"spaces": _sections(TuningSpace)},
     Recipe: {
         "dataset": _section(DatasetConfig),
         "model": _section(ModelConfig),
@@ -332,6 +458,7 @@ _CONVERTERS: dict[Any, dict[str, Any]] = {
         "default_losses": _tuple,
         "reported": _sections(Reported),
         "notes": _tuple,
+        "tuning": _section(TuningConfig),
     },
 }
 
@@ -363,9 +490,11 @@ def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_raw(name_or_path: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe file as a dict, its ``extends`` chain resolved."""
     path = recipe_path(name_or_path)
+    if path.resolve() in _seen:
+        raise RecipeError(f"recipe {_seen[0].name}: 'extends' loops through {name_or_path!r}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -373,9 +502,21 @@ def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    if parent in _seen:
-        raise RecipeError(f"recipe {name_or_path!r}: 'extends' loops through {parent!r}")
-    return _merge(load_raw(parent, (*_seen, name_or_path)), raw)
+    if parent.endswith(".json"):
+        parent = str(path.parent / parent)
+    return _merge(load_raw(parent, (*_seen, path.resolve())), raw)
+
+
+def _typed(where: str, old: Any, value: Any) -> Any:
+    """``value`` in place of ``old``: of its type (an int where a float is due becomes one),
+    anything where ``old`` is None."""
+    if old is None or value is None:
+        return value
+    if isinstance(old, float) and type(value) is int:
+        return float(value)
+    if type(value) is not type(old):
+        raise RecipeError(f"{where}: expected a {type(old).__name__} like {old!r}")
+    return value
 
 
 def _coerce(key: str, old: Any, text: str) -> Any:
@@ -388,13 +529,30 @@ def _coerce(key: str, old: Any, text: str) -> Any:
         if old is None:
             return text  # e.g. model.weights=/path/to/bn_inception.pth
         raise RecipeError(f"--set {key}={text}: not a JSON value") from None
-    if old is None or value is None:
-        return value
-    if isinstance(old, float) and type(value) is int:
-        return float(value)
-    if type(value) is not type(old):
-        raise RecipeError(f"--set {key}={text}: expected a {type(old).__name__} like {old!r}")
-    return value
+    return _typed(f"--set {key}={text}", old, value)
+
+
+def _locate(data: Any, key: str, where: str, new_keys: bool) -> tuple[dict[str, Any], str]:
+    """The object holding dotted ``key`` in a recipe dict, and the key's last part. Only with
+    ``new_keys`` may that part be new, and only under ``losses`` or a loss's ``settings``."""
+    *parents, leaf = key.split(".")
+    node = data
+    for depth, part in enumerate(parents):
+        if not isinstance(node, dict) or part not in node:
+            raise RecipeError(f"{where}: no {'.'.join(parents[: depth + 1])!r} in recipe")
+        node = node[part]
+    loss_setting = len(parents) == 3 and parents[0] == "losses" and parents[2] == "settings"
+    open_keys = new_keys and (parents == ["losses"] or loss_setting)
+    if not isinstance(node, dict) or (leaf not in node and not open_keys):
+        known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+        raise RecipeError(f"{where}: unknown key {leaf!r} (known: {known})")
+    return node, leaf
+
+
+def get_value(raw: Mapping[str, Any], key: str) -> Any:
+    """The value of dotted ``key`` in a recipe dict."""
+    node, leaf = _locate(raw, key, key, new_keys=False)
+    return node[leaf]
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -404,18 +562,17 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         key, sep, text = item.partition("=")
         if not sep:
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=30")
-        *parents, leaf = key.split(".")
-        node = data
-        for depth, part in enumerate(parents):
-            if not isinstance(node, dict) or part not in node:
-                raise RecipeError(f"--set {key}: no {'.'.join(parents[: depth + 1])!r} in recipe")
-            node = node[part]
-        loss_setting = len(parents) == 3 and parents[0] == "losses" and parents[2] == "settings"
-        open_keys = parents == ["losses"] or loss_setting
-        if not isinstance(node, dict) or (leaf not in node and not open_keys):
-            known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
-            raise RecipeError(f"--set {key}: unknown key {leaf!r} (known: {known})")
+        node, leaf = _locate(data, key, f"--set {key}", new_keys=True)
         node[leaf] = _coerce(key, node.get(leaf), text)
+    return data
+
+
+def apply_values(raw: Mapping[str, Any], values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A copy of ``raw`` with existing dotted keys set to ``values`` (of their types)."""
+    data = json.loads(json.dumps(raw))
+    for key, value in values.items():
+        node, leaf = _locate(data, key, where, new_keys=False)
+        node[leaf] = _typed(where, node[leaf], value)
     return data
 
 
