@@ -157,7 +157,14 @@ def train_one(
             recipe.evaluation.recall_ks, recipe.evaluation.metrics
         ),
         device=device,
-        info={"loss": loss, "seed": seed, "recipe": recipe.name, "embedding_size": size},
+        info={
+            "loss": loss,
+            "seed": seed,
+            "recipe": recipe.name,
+            "embedding_size": size,
+            "evaluated_split": splits.eval_name,
+            "validation_split": splits.info.get("validation_split"),  # None: test classes
+        },
         environment=environment,
         eval_name=splits.eval_name,
         label=f"{loss} seed {seed}",

@@ -155,7 +155,7 @@ def names_hash(names: Sequence[str]) -> str:
 
 def split_record(splits: Splits) -> dict[str, Any]:
     """The validation split every trial used, and what shows the test classes stayed out."""
-    validation = splits.info["validation"]
+    validation = splits.info["validation_split"]
     return {
         "evaluated": splits.eval_name,
         "dataset": splits.describe(),

@@ -160,6 +160,13 @@ def test_only_validation_classes_are_evaluated(tuned: dict[str, Any]) -> None:
         trial = json.loads(path.read_text())
         assert trial["dataset"]["validation_fraction"] == 0.375, path
         assert (trial["train"]["seeds"], trial["train"]["epochs"]) == ([0], 1), path
+    results = list(tuned["out"].glob("*/trial*/runs/*/seed0/results.json"))
+    assert len(results) == RUNS
+    for path in results:  # every results file names the split it was evaluated on
+        run = json.loads(path.read_text())["run"]
+        assert run["evaluated_split"] == "validation", path
+        held = run["validation_split"]
+        assert (held["fraction"], held["seed"], len(held["classes"])) == (0.375, 0, 3), path
 
 
 def test_the_chosen_trial_has_the_best_score_and_later_spaces_build_on_it(

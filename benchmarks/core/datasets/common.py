@@ -235,7 +235,8 @@ class Splits:
         unseen (for tuning)."""
         keys = list(range(self.train.num_classes))
         kept, held = class_split(keys, held_out_count(len(keys), fraction), seed)
-        info = {**self.info, "validation": {"fraction": fraction, "seed": seed, "classes": held}}
+        split = {"fraction": fraction, "seed": seed, "classes": held}
+        info = {**self.info, "validation_split": split}
         return Splits(self.train.select(kept), self.train.select(held), info, "validation")
 
     def datasets(
