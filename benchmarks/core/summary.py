@@ -33,6 +33,10 @@ METRIC_LABELS["r_precision"] = "RP"
 
 Runs = Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]  # {loss: [rows of each seed]}
 
+# The loss the others are measured against where it ran: per second in a summary, and seed
+# by seed (ProxyGML rows) in ``--table``.
+REFERENCE_LOSS = "proxyanchor"
+
 
 def metric_label(metric: str) -> str:
     if metric.startswith("recall_at_"):
@@ -88,10 +92,6 @@ def aggregate(runs: Runs, metrics: Sequence[str]) -> list[dict[str, Any]]:
     return table
 
 
-# The loss the per-second comparison measures the others against, when it ran.
-PER_SECOND_REFERENCE = "proxyanchor"
-
-
 def seconds_to_reach(seeds: Sequence[Sequence[Mapping[str, Any]]], level: float) -> float | None:
     """Mean cumulative training seconds at the first evaluated epoch whose Recall@1, mean over
     seeds, reaches ``level`` (None if none does): read off the curve of ``recall_vs_seconds``,
@@ -101,7 +101,7 @@ def seconds_to_reach(seeds: Sequence[Sequence[Mapping[str, Any]]], level: float)
     return float(c["seconds"][reached[0]]) if len(reached) else None
 
 
-def per_second(runs: Runs, reference: str = PER_SECOND_REFERENCE) -> list[dict[str, Any]]:
+def per_second(runs: Runs, reference: str = REFERENCE_LOSS) -> list[dict[str, Any]]:
     """Per loss: training seconds per epoch and when its mean curve reaches the reference
     loss's final Recall@1 (mean over seeds), each also as a ratio to the reference's own
     seconds per epoch and total training seconds. Empty without the reference loss."""
@@ -405,7 +405,7 @@ def write_summary(
         + loss_table(recipe, list(runs))
         + "\n"
         + extra_sections
-        + per_second_text(speed, PER_SECOND_REFERENCE)
+        + per_second_text(speed, REFERENCE_LOSS)
         + "## Results\n"
     )
     report.write_markdown(
@@ -414,7 +414,7 @@ def write_summary(
     t, plan = recipe.train, recipe.plan(next(iter(runs)), seeds[0])
     extra = {
         "command_seconds": elapsed,
-        "per_second": {"reference": PER_SECOND_REFERENCE, "rows": speed},
+        "per_second": {"reference": REFERENCE_LOSS, "rows": speed},
         "dataset": dict(dataset),
         "settings": {
             "epochs": t.epochs,
@@ -457,10 +457,12 @@ def results_table(root: Path) -> str:
     epoch, mean over seeds, in %) beside the numbers its recipe reports from the literature."""
     by_dataset: dict[str, list[dict[str, Any]]] = {}
     columns: dict[str, dict[str, str]] = {}
+    summaries = []
     for path in sorted(Path(root).rglob(SUMMARY_JSON)):
         summary = json.loads(path.read_text())
         if "recipe" not in summary:
             continue  # written before summaries carried their recipe
+        summaries.append(path)
         recipe = summary["recipe"]
         title = summary["dataset"]["title"]
         metrics = [recall_key(k) for k in recipe["evaluation"]["recall_ks"]]
@@ -498,4 +500,47 @@ def results_table(root: Path) -> str:
     ]
     if not parts:
         return f"no summaries with recipes under {report.relative(root)}\n"
+    paired = [row for path in summaries for row in paired_rows(json.loads(path.read_text()), path)]
+    if paired:
+        parts.append(
+            f"### Paired by seed: each ProxyGML row minus {LOSSES[REFERENCE_LOSS].label}\n\n"
+            + report.markdown_table(paired, {key: key for key in paired[0]})
+        )
     return "\n".join(parts) + "\nOurs: final epoch / best evaluated epoch (by R@1), in %.\n"
+
+
+def paired_differences(
+    summary: Mapping[str, Any], loss: str, reference: str, metric: str = KEY_METRIC
+) -> list[float]:
+    """Final-epoch ``metric`` of ``loss`` minus ``reference``'s, one per seed both ran
+    (equal seeds: the same initial network and batches)."""
+    finals: dict[str, dict[int, float]] = {loss: {}, reference: {}}
+    for run in summary["runs"]:
+        if run["loss"] in finals and metric in run["final"]:
+            finals[run["loss"]][run["seed"]] = run["final"][metric]
+    seeds = sorted(finals[loss].keys() & finals[reference].keys())
+    return [finals[loss][seed] - finals[reference][seed] for seed in seeds]
+
+
+def paired_rows(summary: Mapping[str, Any], path: Path) -> list[dict[str, Any]]:
+    """One row per ProxyGML variant of a summary that also ran the paired reference: the
+    Recall@1 and MAP@R differences, mean ± sample std over the paired seeds."""
+    losses = summary.get("losses", {})
+    if REFERENCE_LOSS not in losses:
+        return []
+    rows = []
+    for loss in (name for name in losses if name.startswith("proxygml")):
+        row = {
+            "dataset": summary["dataset"]["title"],
+            "recipe": summary["recipe"]["name"],
+            "loss": LOSSES[loss].label,
+            "seeds": len(paired_differences(summary, loss, REFERENCE_LOSS)),
+        }
+        for metric in (KEY_METRIC, "mean_average_precision_at_r"):
+            differences = paired_differences(summary, loss, REFERENCE_LOSS, metric)
+            spread = statistics.stdev(differences) if len(differences) > 1 else None
+            if differences:
+                row[f"Δ {metric_label(metric)}"] = _mean_std(statistics.fmean(differences), spread)
+        row["summary"] = report.relative(path.parent)
+        rows.append(row)
+    return rows

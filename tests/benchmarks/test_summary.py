@@ -48,3 +48,35 @@ def test_no_per_second_section_without_the_reference_loss():
     runs = {name: seeds for name, seeds in RUNS.items() if name != "proxyanchor"}
     assert summary.per_second(runs) == []
     assert summary.per_second_text([], "proxyanchor") == ""
+
+
+def summary_json(finals):
+    """A summary.json with only what the paired comparison reads: {(loss, seed): R@1}."""
+    return {
+        "dataset": {"title": "tiny"},
+        "recipe": {"name": "tiny_recipe"},
+        "losses": {loss: {} for loss, _ in finals},
+        "runs": [
+            {"loss": loss, "seed": seed, "final": {KEY: value}}
+            for (loss, seed), value in finals.items()
+        ],
+    }
+
+
+def test_paired_differences_match_seeds_and_skip_unpaired_ones(tmp_path):
+    saved = summary_json(
+        {
+            ("proxyanchor", 0): 0.50,
+            ("proxyanchor", 1): 0.52,
+            ("proxygml", 0): 0.55,
+            ("proxygml", 1): 0.53,
+            ("proxygml", 2): 0.90,  # no ProxyAnchor run with seed 2: not paired
+        }
+    )
+    differences = summary.paired_differences(saved, "proxygml", "proxyanchor")
+    assert differences == pytest.approx([0.05, 0.01])
+    (row,) = summary.paired_rows(saved, tmp_path / "summary.json")
+    assert row["seeds"] == 2
+    assert row["Δ R@1"] == "0.030 ± 0.028"  # mean 0.03, sample std 0.04 / sqrt(2)
+    assert "Δ MAP@R" not in row  # not evaluated in these runs
+    assert summary.paired_rows(summary_json({("proxygml", 0): 0.5}), tmp_path) == []
