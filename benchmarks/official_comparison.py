@@ -151,10 +151,10 @@ def compare(official: type, config: Config, repeats: int) -> dict[str, Any]:
         "speed-up": speedup,
         "target": f">= {config.target_speedup:g}x",
         "met": speedup >= config.target_speedup,
-        "loss official": float(losses["official"]),
-        "loss ours": float(losses["ours"]),
-        "rel. diff loss": abs(float(losses["ours"] - losses["official"]))
-        / abs(float(losses["official"])),
+        "loss official": losses["official"].item(),
+        "loss ours": losses["ours"].item(),
+        "rel. diff loss": abs(losses["ours"].item() - losses["official"].item())
+        / abs(losses["official"].item()),
         "rel. diff grad x": relative_difference(
             tangent(inputs["ours"].grad, embeddings), tangent(inputs["official"].grad, embeddings)
         ),
