@@ -122,8 +122,7 @@ def compare(official: type, config: Config, repeats: int) -> dict[str, Any]:
         ours.proxies.copy_(theirs.Proxies.T)
     embeddings = F.normalize(torch.randn(config.batch_size, DIM, generator=generator), dim=1)
     labels = torch.randint(0, config.num_classes, (config.batch_size,), generator=generator)
-    inputs = {"official": embeddings.clone().requires_grad_(), "ours": embeddings.clone()}
-    inputs["ours"].requires_grad_()
+    inputs = {name: embeddings.clone().requires_grad_() for name in ("official", "ours")}
     losses = {}
 
     def official_step() -> None:

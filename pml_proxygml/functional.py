@@ -121,22 +121,27 @@ def _partition_pool(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_partition_pool.cache_clear)
 
 
+def _has_numpy_view(tensor: torch.Tensor) -> bool:
+    """Whether the numpy fast paths apply: a CPU tensor outside ``torch.compile`` with
+    storage of its own (``torch.func`` transforms wrap their inputs in tensors that have
+    none, hence no numpy view)."""
+    return (
+        tensor.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._has_storage(tensor)
+    )
+
+
 def _largest(block: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, columns) of the ``count`` largest entries of each row of ``block``, unordered.
 
     ``torch.topk``, except on CPU outside ``torch.compile``, where numpy's argpartition (a
     SIMD introselect) is several times faster (``python -m benchmarks.scale_checks
     topk``); it releases the GIL, so chunks of rows run on torch's intra-op thread count.
-    Tensors without storage of their own (``torch.func`` transforms wrap their inputs)
-    have no numpy view and take ``torch.topk`` too.
+    Tensors with no numpy view (``_has_numpy_view``) take ``torch.topk`` too.
     """
     width = block.shape[1]
-    if (
-        block.device.type != "cpu"
-        or count >= width
-        or torch.compiler.is_compiling()
-        or not torch._C._has_storage(block)
-    ):
+    if count >= width or not _has_numpy_view(block):
         return block.topk(count, dim=1, sorted=False)
     array, kth = block.numpy(), width - count
     columns = np.empty((len(block), count), dtype=np.int64)
@@ -437,17 +442,12 @@ def _screen(
 def _stable_argsort(keys: torch.Tensor) -> torch.Tensor:
     """Stable argsort of integer ``keys`` along their last dimension.
 
-    On CPU outside ``torch.compile``, for non-negative keys: a least-significant-digit
-    radix sort over 16-bit digits, each pass numpy's stable argsort (a radix sort itself
-    for 16-bit keys); for the B * k kept proxy and class indices this is several times
-    faster than ``torch.sort`` (``python -m benchmarks.loss_speed``'s mid-size rows).
+    Where numpy applies (``_has_numpy_view``), for non-negative keys: a
+    least-significant-digit radix sort over 16-bit digits, each pass numpy's stable
+    argsort (a radix sort itself for 16-bit keys); for the B * k kept proxy and class
+    indices this is several times faster than ``torch.sort`` on CPU.
     """
-    if (
-        keys.device.type != "cpu"
-        or keys.numel() == 0
-        or torch.compiler.is_compiling()
-        or not torch._C._has_storage(keys)
-    ):
+    if keys.numel() == 0 or not _has_numpy_view(keys):
         return keys.argsort(dim=-1, stable=True)
     array = keys.numpy()
     if array.min() < 0:
@@ -512,11 +512,11 @@ def _largest_two(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """(B, 1) each: the ``rank``-th and (``rank`` + 1)-th largest value of each row (-inf
     when the row has only ``rank`` values).
 
-    numpy's partition (a SIMD introselect) on CPU outside ``torch.compile``: several times
-    faster there than ``torch.kthvalue``.
+    numpy's partition (a SIMD introselect) where it applies (``_has_numpy_view``): several
+    times faster there than ``torch.kthvalue``.
     """
     below = values.shape[1] - rank  # entries ranked after the rank-th
-    if values.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _has_numpy_view(values):
         partitioned = torch.from_numpy(np.partition(values.numpy(), below, axis=1))
         kth, after = partitioned[:, below, None], partitioned[:, :below]
         after = after.amax(dim=1, keepdim=True) if below else torch.full_like(kth, -math.inf)
