@@ -1,8 +1,8 @@
 """Build an offline benchmark dataset from the package registries: one command per dataset.
 
     python -m benchmarks.build_dataset emoji --out DIR [--size 48] [--cache DIR]
-    python -m benchmarks.build_dataset han_glyphs [--out DIR] [--raw-baseline]
-    python -m benchmarks.build_dataset spoken_words [--out DIR] [--raw-baseline]
+    python -m benchmarks.build_dataset han_glyphs [--out DIR]
+    python -m benchmarks.build_dataset spoken_words [--out DIR]
 
 The runner builds the emoji dataset itself into its default cache when that is empty; this
 command builds elsewhere, or with other options. The Han-glyph and spoken-word datasets are

@@ -317,12 +317,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
         eval_set = datasets[seed][1]
         retrieval_picture(recipe, losses[0], seed, eval_set, out, splits.eval_name, args.device)
         extra = summary.regularizer_note(recipe, runs, splits.train, args.device)
-        metrics = harness.metric_order(
-            harness.accuracy_calculator(recipe.evaluation.recall_ks, recipe.evaluation.metrics)
+        calculator = harness.accuracy_calculator(
+            recipe.evaluation.recall_ks, recipe.evaluation.metrics
         )
+        tester = harness.make_tester(recipe.plan(losses[0], seed), calculator, args.device)
+        raw_pixels = harness.evaluate_raw_pixels(tester, eval_set, splits.eval_name)
         elapsed = time.perf_counter() - start
         table = summary.write_summary(
-            out, recipe, facts, splits.eval_name, runs, metrics, environment, elapsed, extra
+            out,
+            recipe,
+            facts,
+            splits.eval_name,
+            runs,
+            harness.metric_order(calculator),
+            environment,
+            elapsed,
+            extra,
+            raw_pixels,
         )
     print(table)
     print(f"total wall time {time.perf_counter() - start:.0f} s; results in {report.relative(out)}")

@@ -260,6 +260,14 @@ def evaluate(
     )
 
 
+def evaluate_raw_pixels(
+    tester: testers.GlobalEmbeddingSpaceTester, dataset: Any, name: str
+) -> dict[str, float]:
+    """:func:`evaluate` with the normalised pixels themselves as embeddings: the floor that a
+    trained embedding has to clear on ``dataset``."""
+    return evaluate(tester, dataset, name, 0, torch.nn.Flatten(), torch.nn.Identity())
+
+
 # ----------------------------------------------------------------------------- state
 
 

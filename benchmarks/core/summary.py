@@ -36,6 +36,7 @@ Runs = Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]  # {loss: [rows of ea
 # The loss the others are measured against where it ran: per second in a summary, and seed
 # by seed (ProxyGML rows) in ``--table``.
 REFERENCE_LOSS = "proxyanchor"
+RAW_PIXELS_LABEL = "Raw pixels (no training)"
 
 
 def metric_label(metric: str) -> str:
@@ -160,8 +161,13 @@ def _mean_std(mean: float, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-def summary_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
-    """Markdown table of :func:`aggregate`'s rows."""
+def summary_table(
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str],
+    raw_pixels: Mapping[str, float] | None = None,
+) -> str:
+    """Markdown table of :func:`aggregate`'s rows, and last the untrained floor
+    (``raw_pixels``: the metrics of the pixels themselves as embeddings) where given."""
     cells = [
         {
             "loss": LOSSES[row["loss"]].label,
@@ -174,6 +180,9 @@ def summary_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> 
         }
         for row in rows
     ]
+    if raw_pixels is not None:
+        floor = {m: f"{raw_pixels[m]:.3f}" for m in metrics}
+        cells.append({"loss": RAW_PIXELS_LABEL, "seeds": "", "epochs": 0, **floor})
     columns = {
         "loss": "Loss",
         "seeds": "seeds",
@@ -388,12 +397,13 @@ def write_summary(
     environment: Mapping[str, Any],
     elapsed: float,
     extra_sections: str = "",
+    raw_pixels: Mapping[str, float] | None = None,
 ) -> str:
     """``summary.md`` and ``summary.json``; returns the results table."""
     seeds = recipe.train.seeds
     rows = aggregate(runs, metrics)
     speed = per_second(runs)
-    table = summary_table(rows, metrics)
+    table = summary_table(rows, metrics, raw_pixels)
     labels = " vs ".join(LOSSES[name].label for name in runs)
     notes = (
         f"Command: `{environment['command']}` ({elapsed:.0f} s wall time, runs found finished "
@@ -415,6 +425,7 @@ def write_summary(
     extra = {
         "command_seconds": elapsed,
         "per_second": {"reference": REFERENCE_LOSS, "rows": speed},
+        "raw_pixels": None if raw_pixels is None else dict(raw_pixels),
         "dataset": dict(dataset),
         "settings": {
             "epochs": t.epochs,
@@ -477,6 +488,15 @@ def results_table(root: Path) -> str:
                     **{m: f"{v:.1f}" for m, v in reported["metrics"].items()},
                 }
             )
+        raw_pixels = summary.get("raw_pixels")
+        if raw_pixels is not None and not any(r["method"] == RAW_PIXELS_LABEL for r in rows):
+            rows.append(
+                {
+                    "method": RAW_PIXELS_LABEL,
+                    "source": f"cosine on the normalised {recipe['data']['crop']} px test images",
+                    **{m: _percent(raw_pixels[m]) for m in metrics},
+                }
+            )
         for loss in summary["losses"]:
             entries = [run for run in summary["runs"] if run["loss"] == loss]
             cells = {}
@@ -500,13 +520,48 @@ def results_table(root: Path) -> str:
     ]
     if not parts:
         return f"no summaries with recipes under {report.relative(root)}\n"
-    paired = [row for path in summaries for row in paired_rows(json.loads(path.read_text()), path)]
+    loaded = [json.loads(path.read_text()) for path in summaries]
+    across, across_columns = across_datasets(loaded)
+    parts.append(
+        "### Across datasets: final Recall@1 / MAP@R, mean ± std over seeds, in %\n\n"
+        + report.markdown_table(across, across_columns)
+    )
+    paired = [row for path, saved in zip(summaries, loaded) for row in paired_rows(saved, path)]
     if paired:
         parts.append(
             f"### Paired by seed: each ProxyGML row minus {LOSSES[REFERENCE_LOSS].label}\n\n"
             + report.markdown_table(paired, {key: key for key in paired[0]})
         )
     return "\n".join(parts) + "\nOurs: final epoch / best evaluated epoch (by R@1), in %.\n"
+
+
+def across_datasets(
+    summaries: Sequence[Mapping[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One row per loss (and the raw pixels, last), one column per summary (its recipe): the
+    final epoch's Recall@1 and MAP@R, mean ± sample std over seeds, in %; and the columns."""
+    columns = {"loss": "Loss"}
+    cells: dict[str, dict[str, Any]] = {}
+
+    def text(finals: Sequence[Mapping[str, float]]) -> str:
+        parts = []
+        for metric in (KEY_METRIC, "mean_average_precision_at_r"):
+            values = [100 * final[metric] for final in finals if metric in final]
+            spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+            parts.append(f"{statistics.fmean(values):.1f}{spread}" if values else "—")
+        return " / ".join(parts)
+
+    for summary in summaries:
+        name = summary["recipe"]["name"]
+        columns[name] = f"{summary['dataset']['title']} (`{name}`)"
+        for loss in summary["losses"]:
+            finals = [run["final"] for run in summary["runs"] if run["loss"] == loss]
+            cells.setdefault(LOSSES[loss].label, {"loss": LOSSES[loss].label})[name] = text(finals)
+        if summary.get("raw_pixels") is not None:
+            row = cells.setdefault(RAW_PIXELS_LABEL, {"loss": RAW_PIXELS_LABEL})
+            row[name] = text([summary["raw_pixels"]])
+    floor = cells.pop(RAW_PIXELS_LABEL, None)
+    return [*cells.values(), *([floor] if floor else [])], columns
 
 
 def paired_differences(

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks import run
-from benchmarks.core import harness, recipes, report
+from benchmarks.core import harness, models, recipes, report
 from benchmarks.core.datasets import emoji, open_splits, paper
 from benchmarks.core.datasets.common import ImageDataset
 from benchmarks.core.errors import DataError
@@ -111,6 +111,28 @@ def test_summary_names_its_dataset_and_holds_relative_paths(emoji_out: Path) -> 
         assert heading in text
     assert "| ProxyGML | 2 | 1 |" in text and "| ProxyAnchor | 2 | 1 |" in text
     assert re.search(r"(?<![.\w])/tmp/", text) is None  # relative paths only
+
+
+def test_summary_ends_with_the_raw_pixel_floor(emoji_run: tuple[Path, Path]) -> None:
+    """The untrained row: Recall@K of the test images' own normalised pixels, as the run sees
+    them, checked against a brute-force cosine nearest-neighbour search."""
+    data, out = emoji_run
+    summary = json.loads((out / "summary.json").read_text())
+    recipe = recipes.load_recipe("emoji", TINY_EMOJI)
+    pixels = models.BACKBONES[recipe.model.backbone].pixels
+    _, test = open_splits(recipe.dataset, data).datasets(recipe.data, pixels, seed=0)
+    images = torch.stack([test[i][0] for i in range(len(test))]).flatten(1).double()
+    labels = torch.as_tensor(test.labels)
+    unit = torch.nn.functional.normalize(images, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-float("inf"))
+    neighbours = similarity.topk(8, dim=1).indices
+    for k in (1, 2, 4, 8):
+        found = (labels[neighbours[:, :k]] == labels[:, None]).any(dim=1).double().mean()
+        assert summary["raw_pixels"][f"recall_at_{k}"] == pytest.approx(found.item()), k
+    text = (out / "summary.md").read_text()
+    floor = summary["raw_pixels"]["recall_at_1"]
+    assert f"| Raw pixels (no training) |  | 0 | {floor:.3f} |" in text
 
 
 def test_committed_results_hold_relative_paths_only() -> None:
@@ -451,3 +473,4 @@ def test_table_puts_ours_beside_the_published_numbers(
         line for line in table.splitlines() if "ours, recipe `cub_64`, seeds 0, 4 epochs" in line
     )
     assert ours.startswith("| ProxyGML |") and " / " in ours
+    assert "| Raw pixels (no training) | cosine on the normalised " in table

@@ -80,3 +80,22 @@ def test_paired_differences_match_seeds_and_skip_unpaired_ones(tmp_path):
     assert row["Δ R@1"] == "0.030 ± 0.028"  # mean 0.03, sample std 0.04 / sqrt(2)
     assert "Δ MAP@R" not in row  # not evaluated in these runs
     assert summary.paired_rows(summary_json({("proxygml", 0): 0.5}), tmp_path) == []
+
+
+def test_across_datasets_puts_every_recipe_in_a_column_and_raw_pixels_last():
+    first = summary_json({("proxyanchor", 0): 0.50, ("proxyanchor", 1): 0.52})
+    first["raw_pixels"] = {KEY: 0.25, "mean_average_precision_at_r": 0.05}
+    second = summary_json({("proxygml", 0): 0.9, ("proxyanchor", 0): 0.8})
+    second["recipe"]["name"] = "other_recipe"
+    rows, columns = summary.across_datasets([first, second])
+    assert columns == {
+        "loss": "Loss",
+        "tiny_recipe": "tiny (`tiny_recipe`)",
+        "other_recipe": "tiny (`other_recipe`)",
+    }
+    assert rows == [
+        # mean 51.0, sample std 1.41; MAP@R not evaluated in these runs
+        {"loss": "ProxyAnchor", "tiny_recipe": "51.0 ± 1.4 / —", "other_recipe": "80.0 / —"},
+        {"loss": "ProxyGML", "other_recipe": "90.0 / —"},
+        {"loss": "Raw pixels (no training)", "tiny_recipe": "25.0 / 5.0"},
+    ]

@@ -27,8 +27,6 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
-from pml_proxygml.evaluation import DMLAccuracyCalculator, recall_key
-
 from .. import report
 from ..errors import DataError
 from .common import Splits, TensorImages
@@ -37,8 +35,6 @@ CACHE_ROOT = report.REPO_ROOT / "benchmarks" / ".cache"
 DEBIAN_CACHE = CACHE_ROOT / "debian"
 SOURCES_DIR = report.REPO_ROOT / "benchmarks" / "datasets_manifest"
 MANIFEST_NAME = "manifest.json"
-RECALL_KS = (1, 2, 4, 8)
-MAP_AT_R = "mean_average_precision_at_r"
 
 
 class DatasetBuildError(DataError):
@@ -192,18 +188,6 @@ def opener(name: str, title: str) -> Callable[[Any, Path | None, bool], Splits]:
     return open_splits
 
 
-def raw_pixel_metrics(root: Path, name: str, split: str = "test") -> dict[str, float]:
-    """Recall@1/2/4/8 and MAP@R of a split's raw pixels (in [0, 1], flattened), ranked by cosine
-    similarity: the no-training baseline, computed as the emoji README's raw-pixel row is."""
-    arrays, manifest = read_build(root, name)
-    keep = np.isin(arrays["labels"], manifest["split"][split])
-    pixels = torch.from_numpy(arrays["images"][keep]).flatten(1).float() / 255.0
-    keys = (*(recall_key(k) for k in RECALL_KS), MAP_AT_R)
-    calculator = DMLAccuracyCalculator(RECALL_KS, include=keys)
-    metrics = calculator.get_accuracy(pixels, torch.from_numpy(arrays["labels"][keep]))
-    return {key: float(metrics[key]) for key in keys}
-
-
 def counts_line(manifest: dict[str, Any]) -> str:
     """One line of a build's counts, overall and per side of the split."""
     counts = manifest["counts"]
@@ -246,11 +230,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, size: int) 
     parser.add_argument(
         "--sources", type=Path, help="JSON to use instead of the pinned sources (same layout)"
     )
-    parser.add_argument(
-        "--raw-baseline",
-        action="store_true",
-        help="then print the test classes' raw-pixel Recall@K and MAP@R",
-    )
 
 
 def options_from_arguments(
@@ -262,10 +241,5 @@ def options_from_arguments(
 
 
 def summary(args: argparse.Namespace, name: str, lines: Sequence[str]) -> str:
-    """A build's summary ``lines`` with where it was written, and the raw-pixel baseline of
-    its test classes when ``--raw-baseline`` asks for it."""
-    lines = [*lines, f"written: {args.out / f'{name}.npz'}"]
-    if args.raw_baseline:
-        baseline = {"raw_pixels_test": raw_pixel_metrics(args.out, name)}
-        lines.append(json.dumps(baseline, indent=1))
-    return "\n".join(lines)
+    """A build's summary ``lines`` with where it was written."""
+    return "\n".join([*lines, f"written: {args.out / f'{name}.npz'}"])
