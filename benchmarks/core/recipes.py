@@ -257,7 +257,8 @@ def check_space(recipe: Recipe, raw: Mapping[str, Any], space: TuningSpace, wher
         parts = key.split(".")
         if UNTUNABLE_KEYS.match(key):
             raise RecipeError(f"{at}: the tuning protocol fixes the split, the seed and itself")
-        if parts[0] == "losses" and (len(parts) < 3 or parts[1] not in space.losses):
+        scored = {recipe.entry_of(loss) for loss in space.losses}
+        if parts[0] == "losses" and (len(parts) < 3 or parts[1] not in scored):
             raise RecipeError(f"{at}: a space tunes only the losses it scores ({space.losses})")
         if not values:
             raise RecipeError(f"{at}: no candidate values")
@@ -322,15 +323,22 @@ class Recipe:
         if self.tuning is not None:
             self.tuning.validate(self)
 
+    def entry_of(self, name: str) -> str:
+        """The ``losses`` entry that loss ``name`` takes its settings from: its own, or for a
+        registry variant the recipe does not name, the loss it varies (``name`` if neither)."""
+        spec = registry.LOSSES.get(name)
+        if name not in self.losses and spec is not None and spec.variant_of in self.losses:
+            return spec.variant_of
+        return name
+
     def loss(self, name: str) -> LossConfig:
         """``losses.<name>``; for a registry variant the recipe does not name, the entry of the
         loss it varies, with the variant's settings added."""
-        if name in self.losses:
-            return self.losses[name]
-        spec = registry.LOSSES.get(name)
-        if spec is not None and spec.variant_of in self.losses:
-            base = self.losses[spec.variant_of]
-            return dataclasses.replace(base, settings={**base.settings, **spec.settings})
+        entry = self.entry_of(name)
+        if entry in self.losses:
+            base = self.losses[entry]
+            added = registry.LOSSES[name].settings if entry != name else {}
+            return dataclasses.replace(base, settings={**base.settings, **added})
         raise RecipeError(
             f"recipe {self.name!r} has no settings for loss {name!r}; it defines "
             f"{', '.join(self.losses)}"

@@ -312,6 +312,26 @@ def test_a_bad_space_is_a_one_line_recipe_error(tmp_path: Path, case: str) -> No
     assert "\n" not in str(error.value) and "tuning.spaces.bad" in str(error.value)
 
 
+def test_a_space_scoring_a_variant_tunes_the_entry_it_takes_settings_from(tmp_path: Path) -> None:
+    grid = {"losses.proxygml.settings.r": [0.02, 0.05, 0.1, 0.2, 0.3, 0.4]}
+    space = {"losses": ["proxygml_cached"], "grid": grid}
+    raw = {"extends": "emoji", "name": "variant", "tuning": {"spaces": {"gml": space}}}
+    recipe = recipes.load_recipe(str(write_recipe(tmp_path, raw)))
+    assert recipe.entry_of("proxygml_cached") == "proxygml"
+    tried = recipes.load_recipe(str(write_recipe(tmp_path, raw)), ["losses.proxygml.settings.r=0.2"])
+    assert tried.loss("proxygml_cached").settings["r"] == 0.2
+    assert tried.loss("proxygml_cached").settings["regularizer_estimator"] == "cached"
+    # A recipe with its own entry for the variant: the base's settings no longer reach it.
+    own = {**load_raw_emoji_losses(), "proxygml_cached": load_raw_emoji_losses()["proxygml"]}
+    path = write_recipe(tmp_path, {**raw, "losses": own})
+    with pytest.raises(RecipeError, match="tunes only the losses it scores"):
+        recipes.load_recipe(str(path))
+
+
+def load_raw_emoji_losses() -> dict[str, Any]:
+    return recipes.load_recipe("emoji").to_dict()["losses"]
+
+
 def test_bad_tuning_settings_and_flags_are_one_line_errors(tmp_path: Path) -> None:
     settings = {
         "metric": ("recall_at_3", "'recall_at_3' is not evaluated"),
