@@ -114,8 +114,10 @@ def test_emoji_recipes_keep_the_committed_settings() -> None:
         "proxynca": ("adam", 0.001, 1e-8),
     }
     quick = recipes.load_recipe("emoji_quick")
-    assert quick.losses_to_run == ("proxygml", "proxyanchor") and quick.train.seeds == (0,)
-    assert quick.plan("proxygml", 0).milestones == (4, 8)
+    assert quick.losses_to_run == ("proxygml_cached", "proxyanchor") and quick.train.seeds == (0,)
+    assert quick.plan("proxygml_cached", 0).milestones == (6, 13)
+    assert quick.train.backbone_optimizer.lr == 3e-4  # chosen on validation classes
+    assert quick.loss("proxygml_cached").optimizer == emoji.loss("proxygml").optimizer
     assert (quick.model, quick.data) == (emoji.model, emoji.data)
     assert recipes.load_recipe("emoji", epochs=1).plan("proxygml", 0).milestones == ()
 
