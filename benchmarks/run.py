@@ -12,8 +12,8 @@ evaluation epochs, frozen-trunk warm-up), checkpointing after every epoch: the s
 resumes an interrupted run, skips finished ones and ends with the numbers of an uninterrupted
 run. Outputs in ``--out`` (default ``runs/<recipe>/``, git-ignored): ``recipe.json`` (the
 resolved recipe), ``runs/<loss>/seed<s>/results.{json,csv}`` (one row per epoch),
-``checkpoints/`` (git-ignored), ``summary.{md,json}``, ``recall_vs_epoch.png``,
-``recall_vs_seconds.png``, ``retrieval_<loss>.png`` and ``run.log``.
+``checkpoints/`` (git-ignored), ``summary.{md,json}`` (ending with the raw-pixel floor),
+``recall_vs_epoch.png``, ``recall_vs_seconds.png``, ``retrieval_<loss>.png`` and ``run.log``.
 """
 
 from __future__ import annotations

@@ -318,7 +318,9 @@ def test_a_space_scoring_a_variant_tunes_the_entry_it_takes_settings_from(tmp_pa
     raw = {"extends": "emoji", "name": "variant", "tuning": {"spaces": {"gml": space}}}
     recipe = recipes.load_recipe(str(write_recipe(tmp_path, raw)))
     assert recipe.entry_of("proxygml_cached") == "proxygml"
-    tried = recipes.load_recipe(str(write_recipe(tmp_path, raw)), ["losses.proxygml.settings.r=0.2"])
+    tried = recipes.load_recipe(
+        str(write_recipe(tmp_path, raw)), ["losses.proxygml.settings.r=0.2"]
+    )
     assert tried.loss("proxygml_cached").settings["r"] == 0.2
     assert tried.loss("proxygml_cached").settings["regularizer_estimator"] == "cached"
     # A recipe with its own entry for the variant: the base's settings no longer reach it.
