@@ -429,7 +429,7 @@ def test_show_prints_the_resolved_recipe(capsys: pytest.CaptureFixture[str]) -> 
     shown = json.loads(capsys.readouterr().out)
     assert shown["train"]["epochs"] == 7 and shown["train"]["seeds"] == [3, 4]
     assert shown["train"]["gamma"] == 1.0 and shown["losses"]["proxygml"]["settings"]["r"] == 0.1
-    assert shown["default_losses"] == ["proxygml", "proxyanchor"]
+    assert shown["default_losses"] == ["proxygml_cached", "proxyanchor"]
     assert set(shown["losses"]) == {
         "proxygml",
         "proxyanchor",
