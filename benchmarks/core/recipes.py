@@ -252,12 +252,12 @@ def check_space(recipe: Recipe, raw: Mapping[str, Any], space: TuningSpace, wher
             raise RecipeError(f"{where}.losses: {error}") from None
     if not space.grid:
         raise RecipeError(f"{where}.grid is empty")
+    scored = {recipe.entry_of(loss) for loss in space.losses}
     for key, values in space.grid.items():
         at = f"{where}.grid.{key}"
         parts = key.split(".")
         if UNTUNABLE_KEYS.match(key):
             raise RecipeError(f"{at}: the tuning protocol fixes the split, the seed and itself")
-        scored = {recipe.entry_of(loss) for loss in space.losses}
         if parts[0] == "losses" and (len(parts) < 3 or parts[1] not in scored):
             raise RecipeError(f"{at}: a space tunes only the losses it scores ({space.losses})")
         if not values:
