@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,8 @@ class TuningConfig:
 
 def check_space(recipe: Recipe, raw: Mapping[str, Any], space: TuningSpace, where: str) -> None:
     """Its losses are the recipe's, and every candidate value, alone, makes a valid recipe
-    (``raw``: the recipe as a dict)."""
+    whose scored losses build (``raw``: the recipe as a dict): a setting a loss refuses
+    fails here, not at its trial, hours into a tuning."""
     if not space.losses:
         raise RecipeError(f"{where}.losses is empty")
     for loss in space.losses:
@@ -265,9 +267,27 @@ def check_space(recipe: Recipe, raw: Mapping[str, Any], space: TuningSpace, wher
         for value in values:
             candidate = apply_values(raw, {key: value}, f"{at}={json.dumps(value)}")
             try:
-                Recipe.from_dict({**candidate, "tuning": None})
+                built = Recipe.from_dict({**candidate, "tuning": None})
+                for loss in space.losses:
+                    check_builds(built, loss)
             except RecipeError as error:
                 raise RecipeError(f"{at}={json.dumps(value)}: {error}") from None
+
+
+# Enough classes to build any loss; a check never trains, so the dataset's number is moot.
+CHECK_CLASSES = 4
+
+
+def check_builds(recipe: Recipe, loss: str) -> None:
+    """Loss ``loss`` accepts the recipe's settings for it (its constructor's own checks;
+    its warnings about the number of classes concern a number the check made up)."""
+    settings = recipe.loss(loss).settings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            registry.build_loss(loss, CHECK_CLASSES, recipe.model.embedding_size, settings)
+    except ValueError as error:
+        raise RecipeError(f"losses.{loss}.settings: {error}") from None
 
 
 def tuning_defaults(raw: Mapping[str, Any], space: TuningSpace) -> list[Any]:

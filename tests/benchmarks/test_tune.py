@@ -295,6 +295,10 @@ BAD_SPACES = {
     "seeds": ({"losses": ["proxygml"], "grid": {"train.seeds": [[1]]}}, "fixes the split"),
     "bad value": ({"losses": ["proxygml"], "grid": {"train.sampler": ["sorted"]}}, "sampler"),
     "bad type": ({"losses": ["proxygml"], "grid": {"train.batch_size": [3.5]}}, "expected a int"),
+    "refused setting": (
+        {"losses": ["proxygml_cached"], "grid": {"losses.proxygml.settings.weight_lambda": [0.0]}},
+        r"weight_lambda=0\.0: losses\.proxygml_cached\.settings: .*needs weight_lambda > 0",
+    ),
     "small grid": (
         {"losses": ["proxygml"], "grid": {"train.epochs": [20, 10]}},
         "1 combinations besides the recipe's own values, fewer than the 5 trials",
