@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
-from tests.reference import dense_official_loss
+from tests.reference import dense_official_loss, dense_proxy_regularizer
 
 
 @pytest.mark.parametrize(
@@ -198,6 +198,26 @@ def test_proxy_regularizer_equals_dense_cross_entropy():
     for block_elements in (1, 5, 36, 10**6):
         actual = gml.proxy_regularizer(proxies, 4, block_elements)
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("block_elements", [1, 12, 10**6])
+@pytest.mark.parametrize("proxies_per_class", [1, 4])
+def test_exact_regularizer_of_raw_proxies_equals_the_dense_reference(
+    proxies_per_class, block_elements
+):
+    """Value and gradient with respect to the raw proxies, through their normalisation
+    (a zero proxy included: F.normalize's clamp, no radial term), against float64 autograd
+    of the dense cross-entropy."""
+    generator = torch.Generator().manual_seed(4)
+    raw = torch.randn(3 * proxies_per_class, 5, dtype=torch.float64, generator=generator)
+    raw[1] = 0
+    raw.requires_grad_()
+    expected = dense_proxy_regularizer(F.normalize(raw, dim=1), proxies_per_class)
+    (expected_grad,) = torch.autograd.grad(expected, raw)
+    actual = gml.exact_regularizer(raw, proxies_per_class, block_elements)
+    (actual_grad,) = torch.autograd.grad(actual, raw)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("block_elements", [1, 9, 16, 99, 10**6])  # tiles of 1, 3, 4, 9, all

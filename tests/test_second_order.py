@@ -181,6 +181,17 @@ def test_proxy_regularizer_passes_gradgradcheck(sampled, block_elements):
     assert torch.autograd.gradgradcheck(regularizer, (proxies,))
 
 
+@pytest.mark.parametrize("proxies_per_class", [1, 3])
+def test_exact_regularizer_of_raw_proxies_passes_gradgradcheck(proxies_per_class):
+    """The fused backward of ``exact_regularizer`` gives way to a differentiable one."""
+    proxies = torch.randn(5 * proxies_per_class, 4, generator=generator(13), dtype=torch.float64)
+
+    def regularizer(p):
+        return gml.exact_regularizer(p, proxies_per_class, 7)
+
+    assert torch.autograd.gradgradcheck(regularizer, (proxies.requires_grad_(),))
+
+
 @pytest.mark.parametrize("block_elements", [4, 10**6])  # tiles of 2 (ragged) and one tile
 def test_one_proxy_per_class_regularizer_passes_gradgradcheck(block_elements):
     """The symmetric-Gram path (N = 1, every proxy an anchor) is twice differentiable."""

@@ -460,12 +460,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             reg = self._periodic_regularizer(proxies)
         else:  # exact or uniform; the periodic estimators outside training take no step
             rows = self._rows() if self.regularizer_estimator == "uniform" else None
-            reg = gml.proxy_regularizer(
-                F.normalize(proxies, p=2, dim=1),
-                self.proxies_per_class,
-                self.regularizer_block_elements,
-                rows,
-            )
+            reg = self._regularizer_over(proxies, rows)
         if self.collect_stats:
             self.proxy_reg_value = reg.item()
         return {
@@ -473,6 +468,14 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             "indices": None,
             "reduction_type": "already_reduced",
         }
+
+    def _regularizer_over(self, proxies: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """L^p of the raw proxies, averaged over ``rows`` (None: all of them, exactly)."""
+        blocks = self.regularizer_block_elements
+        if rows is None:
+            return gml.exact_regularizer(proxies, self.proxies_per_class, blocks)
+        unit = F.normalize(proxies, p=2, dim=1)
+        return gml.proxy_regularizer(unit, self.proxies_per_class, blocks, rows)
 
     def _compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
         """The promotion of the embeddings', the proxies' and float32 dtypes."""
@@ -496,10 +499,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if self.regularizer_estimator == "lazy":
             if not refresh:
                 return proxies.new_zeros(())
-            unit = F.normalize(proxies, p=2, dim=1)
-            return self.regularizer_period * gml.proxy_regularizer(
-                unit, self.proxies_per_class, blocks
-            )
+            return self.regularizer_period * self._regularizer_over(proxies, None)
         if refresh:
             unit = F.normalize(proxies.detach(), p=2, dim=1)
             value, gradient = gml.regularizer_value_and_gradient(
