@@ -1216,6 +1216,16 @@ class _ProxyRegularizerSum(torch.autograd.Function):
         return grad_anchors * grad, grad_class_sums * grad, None, None
 
 
+def _anchors_per_block(block_elements: int, num_classes: int) -> int:
+    """Anchors per block of logits so that a block holds about ``block_elements``."""
+    return max(1, block_elements // num_classes)
+
+
+def _gram_tile(block_elements: int) -> int:
+    """Side of a square tile of the Gram matrix of about ``block_elements`` logits."""
+    return max(1, math.isqrt(block_elements))
+
+
 def regularizer_sum(
     anchors: torch.Tensor,
     class_sums: torch.Tensor,
@@ -1228,7 +1238,7 @@ def regularizer_sum(
     gradient is needed it is computed in the same pass, keeping the anchors, the class
     sums and their gradients for backward (the inputs for a possible double backward).
     """
-    rows_per_block = max(1, block_elements // len(class_sums))
+    rows_per_block = _anchors_per_block(block_elements, len(class_sums))
     if torch.is_grad_enabled() and (anchors.requires_grad or class_sums.requires_grad):
         summed, _, _ = _ProxyRegularizerSum.apply(
             anchors, class_sums, anchor_classes, rows_per_block
@@ -1316,7 +1326,7 @@ class _GramRegularizerSum(torch.autograd.Function):
         units, grad_units = ctx.saved_tensors
         if torch.is_grad_enabled() and (grad.requires_grad or units.requires_grad):
             classes = torch.arange(len(units), device=units.device)
-            rows_per_block = max(1, ctx.tile**2 // len(units))
+            rows_per_block = _anchors_per_block(ctx.tile**2, len(units))
             as_anchors, as_class_sums = _differentiable_regularizer_gradients(
                 units, units, classes, rows_per_block
             )
@@ -1330,7 +1340,7 @@ def gram_regularizer_sum(
     """``regularizer_sum`` for one proxy per class and every proxy an anchor (anchors and
     class sums are both ``units``), through the symmetric Gram matrix: square tiles of
     about ``block_elements`` logits (see ``_gram_regularizer_blocks``)."""
-    tile = max(1, math.isqrt(block_elements))
+    tile = _gram_tile(block_elements)
     if torch.is_grad_enabled() and units.requires_grad:
         summed, _ = _GramRegularizerSum.apply(units, tile)
         return summed
@@ -1375,6 +1385,28 @@ def proxy_regularizer(
     )
 
 
+def _summed_regularizer_and_gradient(
+    units: torch.Tensor, proxies_per_class: int, block_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T, the regulariser's cross-entropy summed over all CN unit proxies, and dT/dP,
+    without autograd: proxy j's gradient is its own as an anchor plus its class sum's
+    (every proxy of a class adds into that sum)."""
+    total, dim = units.shape
+    if proxies_per_class == 1:
+        return _gram_regularizer_blocks(units, _gram_tile(block_elements), with_gradient=True)
+    num_classes = total // proxies_per_class
+    class_sums = units.view(num_classes, proxies_per_class, dim).sum(dim=1)
+    summed, grad_anchors, grad_class_sums = _regularizer_blocks(
+        units,
+        class_sums,
+        torch.arange(total, device=units.device) // proxies_per_class,
+        _anchors_per_block(block_elements, num_classes),
+        with_gradients=True,
+    )
+    grad_anchors.view(num_classes, proxies_per_class, dim).add_(grad_class_sums.unsqueeze(1))
+    return summed, grad_anchors
+
+
 def regularizer_value_and_gradient(
     normalized_proxies: torch.Tensor,
     proxies_per_class: int,
@@ -1384,8 +1416,17 @@ def regularizer_value_and_gradient(
     """``proxy_regularizer`` and its gradient with respect to the normalised proxies.
 
     Both are detached: they are the state the cheaper estimators keep between steps
-    (``linearized_regularizer``, ``variance_reduced_regularizer``).
+    (``linearized_regularizer``, ``variance_reduced_regularizer``) and what
+    ``exact_regularizer`` carries through the normalisation. Over all proxies the
+    gradient is assembled from the fused blocks' own (``_summed_regularizer_and_gradient``);
+    over sampled ``rows``, by autograd.
     """
+    if rows is None:
+        total = len(normalized_proxies)
+        summed, gradient = _summed_regularizer_and_gradient(
+            normalized_proxies.detach(), proxies_per_class, block_elements
+        )
+        return summed / total, gradient.div_(total)
     with torch.enable_grad():
         anchor = normalized_proxies.detach().requires_grad_()
         value = proxy_regularizer(anchor, proxies_per_class, block_elements, rows)
