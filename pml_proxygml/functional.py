@@ -1499,7 +1499,11 @@ def exact_regularizer(
 ) -> torch.Tensor:
     """``proxy_regularizer(F.normalize(proxies), proxies_per_class)`` of the raw proxies,
     with a backward that passes over them twice (``_ExactRegularizer``): same value and
-    gradient, a fraction of the elementwise work at small C, where it dominates."""
+    gradient, a fraction of the elementwise work at small C, where it dominates. Without a
+    gradient to take, the value alone (a third of the products)."""
+    if not (torch.is_grad_enabled() and proxies.requires_grad):
+        unit = F.normalize(proxies, p=2, dim=1)
+        return proxy_regularizer(unit, proxies_per_class, block_elements)
     value, _, _ = _ExactRegularizer.apply(proxies, proxies_per_class, block_elements)
     return value
 

@@ -218,6 +218,9 @@ def test_exact_regularizer_of_raw_proxies_equals_the_dense_reference(
     (actual_grad,) = torch.autograd.grad(actual, raw)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():
+        value_only = gml.exact_regularizer(raw, proxies_per_class, block_elements)
+    torch.testing.assert_close(value_only, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("block_elements", [1, 9, 16, 99, 10**6])  # tiles of 1, 3, 4, 9, all
