@@ -1380,9 +1380,8 @@ def proxy_regularizer(
         anchors, rows = normalized_proxies, torch.arange(total, device=normalized_proxies.device)
     else:
         anchors = normalized_proxies[rows]
-    return regularizer_sum(anchors, class_sums, rows // proxies_per_class, block_elements) / len(
-        rows
-    )
+    summed = regularizer_sum(anchors, class_sums, rows // proxies_per_class, block_elements)
+    return summed / len(rows)
 
 
 def _summed_regularizer_and_gradient(
