@@ -22,7 +22,7 @@ from pml_proxygml import ProxyGMLLoss
 from pml_proxygml.evaluation import recall_key
 
 from . import measure, report
-from .harness import RUN_COLUMNS
+from .harness import RESULTS_JSON, RUN_COLUMNS
 from .registry import LOSSES
 
 SUMMARY_JSON = "summary.json"
@@ -532,7 +532,46 @@ def results_table(root: Path) -> str:
             f"### Paired by seed: each ProxyGML row minus {LOSSES[REFERENCE_LOSS].label}\n\n"
             + report.markdown_table(paired, {key: key for key in paired[0]})
         )
+    compute = compute_rows(root)
+    if compute:
+        parts.append(
+            "### Compute: the training and evaluation time every epoch recorded, in hours\n\n"
+            + report.markdown_table(compute, {key: key for key in compute[0]})
+        )
     return "\n".join(parts) + "\nOurs: final epoch / best evaluated epoch (by R@1), in %.\n"
+
+
+def compute_rows(root: Path) -> list[dict[str, Any]]:
+    """One row per folder under ``root`` holding runs (a comparison, or a tuning with all its
+    trials), then their sum: runs, epochs, and the hours its epochs recorded for training and
+    evaluation, whether they ran in one command or over resumed ones. Dataset building,
+    set-up and the loss-speed benchmarks are not counted."""
+    root = Path(root)
+    folders: dict[str, list[float]] = {}  # runs, epochs, training and evaluation seconds
+    for path in sorted(root.rglob(RESULTS_JSON)):
+        saved = json.loads(path.read_text())
+        if "plan" not in saved:
+            continue  # another benchmark's results, not a training run's
+        rows = saved["rows"]
+        counts = folders.setdefault(path.relative_to(root).parts[0], [0, 0, 0.0, 0.0])
+        counts[0] += 1
+        counts[1] += len(rows)
+        counts[2] += sum(row["train_seconds"] for row in rows)
+        counts[3] += sum(row.get("eval_seconds") or 0.0 for row in rows)
+    labelled = [(f"`{name}`", counts) for name, counts in folders.items()]
+    if labelled:
+        labelled.append(("all", [sum(column) for column in zip(*folders.values())]))
+    return [
+        {
+            "results": label,
+            "runs": runs,
+            "epochs": epochs,
+            "training h": f"{train / 3600:.2f}",
+            "evaluation h": f"{evaluation / 3600:.2f}",
+            "total h": f"{(train + evaluation) / 3600:.2f}",
+        }
+        for label, (runs, epochs, train, evaluation) in labelled
+    ]
 
 
 def across_datasets(

@@ -1,4 +1,6 @@
-"""The summary's per-second comparison, on hand-made runs."""
+"""The summary's per-second rows, paired differences, columns and compute, on made-up runs."""
+
+import json
 
 import pytest
 
@@ -99,3 +101,32 @@ def test_across_datasets_puts_every_recipe_in_a_column_and_raw_pixels_last():
         {"loss": "ProxyGML", "other_recipe": "90.0 / —"},
         {"loss": "Raw pixels (no training)", "tiny_recipe": "25.0 / 5.0"},
     ]
+
+
+def test_compute_sums_every_recorded_epoch_per_results_folder(tmp_path):
+    def save(relative, rows, plan=True):
+        path = tmp_path / relative / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"rows": rows, **({"plan": {}} if plan else {})}))
+
+    # a comparison: two runs, 4 epochs each (one of 10 s, one of 12 s), 1 s evaluations
+    save("cmp/runs/proxyanchor/seed0", run([0.1] * 4, 10.0))
+    save("cmp/runs/proxygml/seed0", run([0.1] * 4, 12.0))
+    # a tuning trial, interrupted after 2 epochs of 3600 s, one evaluated
+    trial = run([0.1, 0.2], 3600.0)
+    trial[0]["eval_seconds"] = None
+    save("cmp_tuning/space/trial0/runs/proxygml/seed0", trial)
+    save("speed", [{"seconds": 99.0}], plan=False)  # another benchmark's results: not runs
+    rows = summary.compute_rows(tmp_path)
+    assert [row["results"] for row in rows] == ["`cmp`", "`cmp_tuning`", "all"]
+    assert rows[0] == {
+        "results": "`cmp`",
+        "runs": 2,
+        "epochs": 8,
+        "training h": f"{88 / 3600:.2f}",
+        "evaluation h": f"{8 / 3600:.2f}",
+        "total h": f"{96 / 3600:.2f}",
+    }
+    assert rows[1]["training h"] == "2.00" and rows[1]["evaluation h"] == "0.00"
+    assert rows[2]["runs"] == 3 and rows[2]["epochs"] == 10
+    assert rows[2]["total h"] == f"{(7200 + 96 + 1) / 3600:.2f}"
