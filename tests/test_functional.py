@@ -1,6 +1,7 @@
 """Each pure function, and the whole loss, against the dense float64 reference."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -114,6 +115,72 @@ def test_classification_loss_of_a_missing_target_is_the_official_46():
     is_target = torch.tensor([[True, False], [False, True]])
     expected = torch.tensor([-math.log(1e-20), -math.log(0.75 + 1e-20)], dtype=torch.float64)
     torch.testing.assert_close(gml.classification_loss(probabilities, is_target), expected)
+
+
+def plain_subgraph_loss(kept_similarities, kept_classes, labels, classes_are_distinct=False):
+    """The sub-graph loss by autograd through its parts, as the closed form's reference."""
+    logits, classes, present = gml.class_logits(
+        kept_similarities, kept_classes, classes_are_distinct
+    )
+    probabilities = gml.masked_softmax(logits, present & (logits != 0))
+    return gml.classification_loss(probabilities, classes == labels.unsqueeze(1))
+
+
+def subgraph_case():
+    """Rows with repeated classes, a zero class sum (masked out), a missing target, a
+    sure target (P_y ~ 1) and a target whose probability underflows to 0."""
+    generator = torch.Generator().manual_seed(11)
+    similarities = torch.randn(6, 7, generator=generator, dtype=torch.float64)
+    classes = torch.randint(0, 4, (6, 7), generator=generator)
+    labels = classes[:, 0].clone()
+    similarities[1, :2], classes[1, :2] = torch.tensor([0.5, -0.5]), 9  # class 9 sums to 0
+    labels[2] = 5  # not kept at all
+    similarities[3], classes[3] = torch.tensor([40.0, 0, 0, 0, 0, 0, 0]), 3
+    classes[3, 0], labels[3] = 1, 1
+    similarities[4] = 0.0  # every class sums to 0: an empty mask
+    similarities[5], classes[5] = torch.tensor([-400.0, 0, 0, 0, 0, 0, 1]), 2
+    classes[5, 0], labels[5] = 0, 0
+    return similarities.requires_grad_(), classes, labels
+
+
+def test_subgraph_loss_gradients_in_closed_form_equal_autograd_of_its_parts():
+    """Value, gradient and Hessian-vector product against the plain composition, on the
+    edge cases of the official epsilons; and gradgradcheck of the Function itself."""
+    similarities, classes, labels = subgraph_case()
+    weights = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    vector = torch.randn_like(similarities)
+
+    def first_and_second(function):
+        loss = (weights * function(similarities, classes, labels)).sum()
+        (grad,) = torch.autograd.grad(loss, similarities, create_graph=True)
+        (second,) = torch.autograd.grad((grad * vector).sum(), similarities)
+        return loss, grad, second
+
+    def closed_form(*inputs):
+        return gml.subgraph_loss(*inputs)[0]
+
+    ours, expected = first_and_second(closed_form), first_and_second(plain_subgraph_loss)
+    assert ours[1][4].abs().sum() == 0 and ours[2].abs().sum() > 0
+    for actual, wanted in zip(ours, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-14)
+    # Finite differences need a smooth point: no logit at 0, no extreme probability.
+    smooth = torch.randn(6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for distinct, kept_classes in ((False, classes), (True, torch.arange(7).repeat(6, 1))):
+        torch.autograd.gradgradcheck(
+            lambda s, c=kept_classes, d=distinct: gml.subgraph_loss(s, c, labels, d)[0],
+            (smooth.requires_grad_(),),
+        )
+
+
+def test_subgraph_loss_takes_the_saved_slope_unless_the_backward_is_recorded():
+    similarities, classes, labels = subgraph_case()
+    slope = mock.patch.object(gml, "_subgraph_loss_and_slope", wraps=gml._subgraph_loss_and_slope)
+    with slope as calls:
+        gml.subgraph_loss(similarities, classes, labels)[0].sum().backward()
+        assert calls.call_count == 1
+        loss = gml.subgraph_loss(similarities, classes, labels)[0].sum()
+        torch.autograd.grad(loss, similarities, create_graph=True)
+        assert calls.call_count == 3
 
 
 # Shapes the golden files' hidden set covers, checked here against the dense reference.
@@ -260,21 +327,31 @@ def test_streamed_selection_equals_one_shot(labelled):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(("chunk_elements", "threads"), [(1 << 16, 1), (40, 1), (40, 2)])
-def test_cpu_largest_equals_torch_topk(monkeypatch, dtype, chunk_elements, threads):
+@pytest.mark.parametrize(
+    ("chunk_elements", "threads", "parallel_from"),
+    [(1 << 16, 1, 0), (40, 1, 0), (40, 2, 0), (40, 2, 1 << 21)],
+    ids=["one chunk", "chunks", "pooled chunks", "chunks of a small block"],
+)
+def test_cpu_largest_equals_torch_topk(monkeypatch, dtype, chunk_elements, threads, parallel_from):
     """numpy's argpartition path: the same sets as torch.topk, in one chunk or in many
-    chunks of rows (one row per chunk with 40 elements) on one thread or on a pool."""
+    chunks of rows (one row per chunk with 40 elements) on one thread or on a pool (the
+    last only for blocks of ``PARTITION_PARALLEL_MIN_ELEMENTS``)."""
     monkeypatch.setattr(gml, "PARTITION_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(gml, "PARTITION_PARALLEL_MIN_ELEMENTS", parallel_from)
+    pool = mock.patch.object(gml, "_partition_pool", wraps=gml._partition_pool)
     generator = torch.Generator().manual_seed(5)
     block = torch.randn(7, 33, generator=generator, dtype=dtype)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for count in (1, 5, 32, 33):
-            values, columns = gml._largest(block, count)
-            expected = block.topk(count, dim=1).indices
-            assert torch.equal(columns.sort(dim=1).values, expected.sort(dim=1).values)
-            assert torch.equal(values, block.gather(1, columns))
+        with pool as pooled:
+            for count in (1, 5, 32, 33):
+                values, columns = gml._largest(block, count)
+                expected = block.topk(count, dim=1).indices
+                assert torch.equal(columns.sort(dim=1).values, expected.sort(dim=1).values)
+                assert torch.equal(values, block.gather(1, columns))
+        # count = 33 is the whole row: torch.topk; the pool runs for the others if asked.
+        assert pooled.call_count == (3 if threads > 1 and parallel_from == 0 else 0)
     finally:
         torch.set_num_threads(previous_threads)
 
