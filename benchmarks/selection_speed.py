@@ -13,9 +13,14 @@ round, ``--warmup`` rounds discarded), medians over ``--repeats`` rounds:
   backward (``fp32``: the default, ``select_topk``; the others ``select_kept``),
   embeddings and proxies requiring grad, their gradients set to None before each step as
   ``optimizer.zero_grad()`` does.
+* ``step fp32 compiled`` (with ``--compile``): the ``fp32`` step through
+  ``torch.compile(loss)`` (inductor; its compilation falls in the warm-up rounds): what
+  fusing the elementwise work around the selection's numpy partition gains.
 
-Shapes: SOP (C=11,318, N=1, d=512, r=0.05) at B=32 and 256; the emoji shape (B=32, C=818,
-N=12, d=128, k=491) and C=1,000, N=12, d=128, r=0.05, B=32 (issue 12); with ``--million``
+Shapes: C=10, N=12, d=128, B=32, k=60 (every product tiny, so the step's time is its
+fixed cost: dispatch of its operations, Python, PML's reducers); SOP (C=11,318, N=1, d=512,
+r=0.05) at B=32 and 256; the emoji shape (B=32, C=818, N=12, d=128, k=491) and C=1,000,
+N=12, d=128, r=0.05, B=32 (issue 12); with ``--million``
 also 1,000,000 classes, N=1, d=512, B=256, top_k=1000 (2 GB of proxies, about 10 s a
 round on 2 cores). The ``select_kept`` screenings return the same (canonical) kept sets;
 ``select_topk``'s differ from them only in near-ties below the fp32 GEMM's rounding.
@@ -59,6 +64,7 @@ class Shape:
 
 
 SHAPES = (
+    Shape("fixed cost: C=10 N=12 B=32", 32, 10, 12, 128, top_k=60),
     Shape("SOP B=32", 32, 11318, 1, 512),
     Shape("SOP B=256", 256, 11318, 1, 512),
     Shape("emoji B=32", 32, 818, 12, 128, top_k=491),
@@ -67,7 +73,7 @@ SHAPES = (
 MILLION = Shape("1M classes B=256", 256, 1_000_000, 1, 512, top_k=1000)
 
 
-def _variants(shape: Shape) -> dict[str, Callable[[], Any]]:
+def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
     """name -> a callable timing one run; ``select`` ones return their Selection."""
     generator = torch.Generator().manual_seed(0)
     num_proxies = shape.classes * shape.proxies_per_class
@@ -105,18 +111,21 @@ def _variants(shape: Shape) -> dict[str, Callable[[], Any]]:
     with torch.no_grad():
         loss.proxies.copy_(proxies)
 
-    def step(precision: str) -> None:
+    def step(precision: str, module: torch.nn.Module = loss) -> None:
         loss.selection_precision = precision  # one loss: one copy of the proxies
         embeddings.grad = loss.proxies.grad = None
-        loss(embeddings, labels).backward()
+        module(embeddings, labels).backward()
 
     for precision in (*PRECISIONS, "auto"):
         variants[f"step {precision}"] = lambda p=precision: step(p)
+    if compiled:
+        compiled_loss = torch.compile(loss)
+        variants["step fp32 compiled"] = lambda: step("fp32", compiled_loss)
     return variants
 
 
-def measure(shape: Shape, repeats: int, warmup: int) -> list[dict[str, Any]]:
-    variants = _variants(shape)
+def measure(shape: Shape, repeats: int, warmup: int, compiled: bool) -> list[dict[str, Any]]:
+    variants = _variants(shape, compiled)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     fallbacks: dict[str, int] = {}
     screened_in: dict[str, str] = {}
@@ -163,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--million", action="store_true", help="the 1M-class shape only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the fp32 step through torch.compile"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     environment = report.capture_environment("cpu", command)
     environment["torch_threads"] = torch.get_num_threads()
     shapes = (MILLION,) if args.million else SHAPES
-    rows = [row for shape in shapes for row in measure(shape, args.repeats, args.warmup)]
+    rows = [
+        row for shape in shapes for row in measure(shape, args.repeats, args.warmup, args.compile)
+    ]
     environment["load_average_at_end"] = load_average()
     out = report.output_folder(args.out, "selection_speed")
     out.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,11 @@ def _git_state() -> tuple[str | None, bool | None]:
 GIT_COMMIT_AT_START, GIT_DIRTY_AT_START = _git_state()
 
 
+# Environment variables that change how memory is allocated (glibc's malloc tunables,
+# a preloaded allocator such as jemalloc or tcmalloc).
+ALLOCATOR_VARIABLE_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def capture_environment(device: str, command: str) -> dict[str, Any]:
     """Machine, library versions, git commit, command line and date, for a results file."""
     mem_total = measure.proc_field("/proc/meminfo", "MemTotal")  # "24576000 kB"
@@ -102,6 +107,12 @@ def capture_environment(device: str, command: str) -> dict[str, Any]:
         "device": device,
         # Other processes on the machine make timings noisy; this shows whether there were any.
         "load_average_at_start": measure.load_average(),
+        # The memory allocator's settings move CPU timings (fresh pages for big temporaries).
+        "allocator_environment": {
+            name: value
+            for name, value in sorted(os.environ.items())
+            if name.startswith(ALLOCATOR_VARIABLE_PREFIXES)
+        },
     }
     if device.startswith("cuda"):
         properties = torch.cuda.get_device_properties(torch.device(device))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 
 import pytest
@@ -221,3 +222,14 @@ def test_writers_are_atomic(tmp_path):
 def test_results_go_to_the_untracked_runs_folder_by_default():
     assert loss_speed.parse_args([]).out == report.RUNS_ROOT / "loss_speed"
     assert report.output_folder(None, "x") == report.RUNS_ROOT / "x"
+
+
+def test_environment_records_the_allocator_settings(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(report.ALLOCATOR_VARIABLE_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4000000000")
+    monkeypatch.setenv("MALLOC_UNRELATED_IS_KEPT_TOO", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    recorded = report.capture_environment("cpu", "x")["allocator_environment"]
+    assert recorded == {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_UNRELATED_IS_KEPT_TOO": "1"}

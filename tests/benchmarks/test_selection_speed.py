@@ -1,13 +1,16 @@
 """benchmarks/selection_speed.py on a tiny shape: every variant measured, results written."""
 
+import functools
 import json
+
+import torch
 
 from benchmarks import selection_speed
 
 
 def test_a_tiny_shape_gives_one_row_per_variant():
     shape = selection_speed.Shape("tiny", 4, 30, 2, 8, top_k=7)
-    rows = selection_speed.measure(shape, repeats=1, warmup=0)
+    rows = selection_speed.measure(shape, repeats=1, warmup=0, compiled=False)
     assert [row["variant"] for row in rows] == [
         "floor",
         "select topk",
@@ -18,6 +21,14 @@ def test_a_tiny_shape_gives_one_row_per_variant():
     selections = {row["variant"]: row for row in rows if row["variant"].startswith("select")}
     assert selections["select bf16"]["screened in"] == "bfloat16"
     assert selections["select auto"]["screened in"] == "float32"  # too small to measure
+
+
+def test_compile_adds_the_compiled_step(monkeypatch):
+    """Inductor takes tens of seconds to compile: the eager backend stands in for it."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    shape = selection_speed.Shape("tiny", 4, 30, 2, 8, top_k=7)
+    rows = selection_speed.measure(shape, repeats=1, warmup=1, compiled=True)
+    assert rows[-1]["variant"] == "step fp32 compiled" and rows[-1]["ms"] > 0
 
 
 def test_main_writes_the_results(tmp_path, monkeypatch):
