@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pml_proxygml import functional as gml
+
 from .core import cli, measure, registry, report
 
 MEASURED_LOSSES = ("proxyanchor", "proxygml", "softtriple", "normsoftmax", "proxynca")
@@ -65,6 +67,8 @@ LOSS_LABELS = {
 # The capped-top_k variant of ProxyGML is measured from this many proxies on (r * C * N is
 # then 50,000 with the default r, so the cap changes the selection by a large factor).
 CAPPED_TOP_K_MIN_PROXIES = 1_000_000
+# ProxyGMLLoss's default selection; the others (certified screenings) are opt-in rows.
+DEFAULT_SELECTION_PRECISION = "fp32"
 CSV_COLUMNS = [
     "config",
     "loss",
@@ -83,6 +87,7 @@ CSV_COLUMNS = [
     "r",
     "top_k",
     "weight_lambda",
+    "selection_precision",
     "device",
     "threads",
     "warmup",
@@ -142,7 +147,8 @@ QUICK_GRID = {
 
 @dataclass(frozen=True)
 class Measurement:
-    """One (config, loss) cell of the grid; r, top_k and weight_lambda are ProxyGML's."""
+    """One (config, loss) cell of the grid; r, top_k, weight_lambda and
+    selection_precision are ProxyGML's."""
 
     loss_name: str
     classes: int
@@ -152,6 +158,7 @@ class Measurement:
     r: float | None = None
     top_k: int | None = None
     weight_lambda: float | None = None
+    selection_precision: str | None = None
 
     @property
     def num_proxies(self) -> int:
@@ -169,6 +176,8 @@ class Measurement:
             label += f" λ={self.weight_lambda:g}"
         if self.top_k is not None:
             label += f" top_k={self.top_k}"
+        if self.selection_precision not in (None, DEFAULT_SELECTION_PRECISION):
+            label += f" {self.selection_precision} selection"
         return label
 
 
@@ -193,8 +202,10 @@ def build_grid(
     r: float,
     capped_top_k: int | None,
     capped_top_k_min_proxies: int = CAPPED_TOP_K_MIN_PROXIES,
+    selection_precisions: Sequence[str] = (DEFAULT_SELECTION_PRECISION,),
 ) -> list[Measurement]:
-    """Measurements in run order: per config, the losses in ``loss_names`` order."""
+    """Measurements in run order: per config, the losses in ``loss_names`` order; ProxyGML
+    once per top_k, weight_lambda and selection precision, in that nesting."""
     grid = []
     for spec in class_specs:
         for batch_size in batch_sizes:
@@ -207,9 +218,17 @@ def build_grid(
                 if capped_top_k and base.num_proxies >= capped_top_k_min_proxies:
                     top_ks.append(capped_top_k)
                 grid += [
-                    replace(base, loss_name=name, r=r, top_k=top_k, weight_lambda=weight_lambda)
+                    replace(
+                        base,
+                        loss_name=name,
+                        r=r,
+                        top_k=top_k,
+                        weight_lambda=weight_lambda,
+                        selection_precision=precision,
+                    )
                     for top_k in top_ks
                     for weight_lambda in lambdas
+                    for precision in selection_precisions
                 ]
     return grid
 
@@ -222,6 +241,8 @@ def build_loss(measurement: Measurement) -> torch.nn.Module:
     if m.loss_name == "proxygml":
         settings = {"proxies_per_class": m.proxies_per_class, "r": m.r}
         settings |= {"top_k": m.top_k, "weight_lambda": m.weight_lambda}
+        if m.selection_precision is not None:
+            settings["selection_precision"] = m.selection_precision
     elif m.loss_name == "softtriple":
         settings = {"centers_per_class": m.proxies_per_class}
     return registry.build_loss(m.loss_name, m.classes, m.embedding_size, settings)
@@ -525,6 +546,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--r", type=float, default=0.05, help="ProxyGML r (default: 0.05)")
     parser.add_argument(
+        "--selection-precisions",
+        nargs="+",
+        choices=gml.SELECTION_PRECISIONS,
+        default=[DEFAULT_SELECTION_PRECISION],
+        metavar="PRECISION",
+        help="ProxyGML selection_precision values, any of "
+        f"{' '.join(gml.SELECTION_PRECISIONS)} (default: {DEFAULT_SELECTION_PRECISION})",
+    )
+    parser.add_argument(
         "--capped-top-k",
         type=int,
         default=1000,
@@ -572,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.lambdas,
         args.r,
         args.capped_top_k,
+        selection_precisions=args.selection_precisions,
     )
     command = report.command_line("benchmarks.loss_speed", argv)
     environment = report.capture_environment(settings.device, command)

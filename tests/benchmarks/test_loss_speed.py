@@ -136,6 +136,37 @@ def test_grid_adds_the_capped_top_k_variant_only_for_many_proxies():
     assert grid[0].num_proxies == 1200
 
 
+def test_grid_measures_each_selection_precision_and_builds_it():
+    grid = loss_speed.build_grid(
+        [ClassSpec.parse("100x12")],
+        [32],
+        ["floor", "proxygml"],
+        512,
+        [0.0],
+        0.05,
+        capped_top_k=None,
+        selection_precisions=["fp32", "bf16"],
+    )
+    assert [m.label for m in grid] == [
+        "floor (matmul)",
+        "ProxyGML λ=0",
+        "ProxyGML λ=0 bf16 selection",
+    ]
+    assert [loss_speed.build_loss(m).selection_precision for m in grid[1:]] == ["fp32", "bf16"]
+
+
+def test_selection_precisions_flag_reaches_the_rows(tmp_path):
+    argv = [*TINY, "--losses", "proxygml", "--selection-precisions", "fp32", "auto"]
+    argv += ["--device", "cpu", "--warmup", "0", "--repeats", "1", "--no-progress"]
+    assert loss_speed.main([*argv, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "loss_speed_cpu.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["loss"], row["selection_precision"], row["status"]) for row in rows] == [
+        ("ProxyGML λ=0.3", "fp32", "ok"),
+        ("ProxyGML λ=0.3 auto selection", "auto", "ok"),
+    ]
+
+
 @pytest.mark.parametrize("text", ["x12", "100x", "0", "100x0", "ten"])
 def test_class_spec_rejects_bad_text(text):
     with pytest.raises(argparse.ArgumentTypeError):

@@ -37,3 +37,14 @@ def test_embedding_bag_products_equal_csr_products(batch):
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+def test_targets_time_every_selection_precision_against_issue_15s_targets(monkeypatch):
+    monkeypatch.setattr(scale_checks, "SOP_CLASSES", 300)
+    rows = scale_checks._target_rows(32, repeats=1)
+    timed = [row for row in rows if row["quantity"].startswith("time")]
+    assert [row["quantity"] for row in timed[::2]] == [
+        f"time: ProxyGML ({p} selection) fwd+bwd / floor" for p in ("fp32", "bf16", "fp16", "auto")
+    ]
+    assert {row["target"] for row in timed} == {"<= 1.8x", "<= 0.3x"}
+    assert all(isinstance(row["met"], bool) for row in rows) and len(rows) == 10
