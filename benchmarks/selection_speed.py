@@ -5,6 +5,10 @@ round, ``--warmup`` rounds discarded), medians over ``--repeats`` rounds:
 
 * ``floor``: the forward-only ``F.normalize(X) @ F.normalize(P).T`` of the shape, as in
   ``loss_speed`` and ``scale_checks targets``: the least any proxy loss pays.
+* ``streamed product``: the same product's arithmetic alone: normalised X times proxies
+  normalised once beforehand, block by block of the selection's size, each (B, block)
+  block dropped at once. At a million classes the floor's fresh (CN, d) and (B, CN)
+  tensors cost more than this arithmetic where new memory pages are slow to map.
 * ``select topk``: ``functional.select_topk``, the loss's default selection, on
   normalised embeddings and the raw proxies (what the loss calls).
 * ``select <p>``: ``functional.select_kept`` in screening precision p, likewise, with the
@@ -87,8 +91,18 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
         with torch.no_grad():
             F.normalize(embeddings) @ F.normalize(proxies).T
 
+    unit_proxies = F.normalize(proxies)
+    block_rows = gml.selection_block_rows(
+        shape.batch_size, normalised.element_size(), gml.DEFAULT_SELECTION_BLOCK_BYTES
+    )
+
+    def streamed_product() -> None:
+        for start in range(0, num_proxies, block_rows):
+            normalised @ unit_proxies[start : start + block_rows].T
+
     variants: dict[str, Callable[[], Any]] = {
         "floor": floor,
+        "streamed product": streamed_product,
         "select topk": lambda: gml.select_topk(
             normalised, proxies, labels, shape.proxies_per_class, k
         ),
