@@ -476,7 +476,12 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
         if self.sparse_proxy_grad and not bool(owned.any()):
             proxies = proxies.detach()  # no row of this shard is kept: no gradient at all
         kept = gml.kept_similarities(
-            _ScaleGradient.apply(x, self.world_size), proxies, local, values, self.sparse_proxy_grad
+            _ScaleGradient.apply(x, self.world_size),
+            proxies,
+            local,
+            values,
+            self.sparse_proxy_grad,
+            self.selection_block_bytes,
         )
         return torch.where(owned, kept, values)
 

@@ -384,8 +384,14 @@ def test_selection_with_ties():
         )
 
 
+# Block budgets that send the proxies' gradient through the (B, CN) weights' GEMM, or
+# through the entries sorted by proxy (a budget under one (B, CN) block).
+PROXY_PRODUCTS = {"dense weights": gml.DEFAULT_SELECTION_BLOCK_BYTES, "sorted bags": 1}
+
+
+@pytest.mark.parametrize("block_bytes", PROXY_PRODUCTS.values(), ids=PROXY_PRODUCTS.keys())
 @pytest.mark.parametrize("with_zero_proxy", [False, True])
-def test_sparse_backward_passes_gradcheck(with_zero_proxy):
+def test_sparse_backward_passes_gradcheck(with_zero_proxy, block_bytes):
     generator = torch.Generator().manual_seed(5)
     embeddings = torch.randn(4, 6, generator=generator, dtype=torch.float64)
     proxies = torch.randn(15, 6, generator=generator, dtype=torch.float64)
@@ -400,7 +406,7 @@ def test_sparse_backward_passes_gradcheck(with_zero_proxy):
     def kept(x, p):
         # As in the loss: forward values come from the (re-run) selection, without gradient.
         values = (F.normalize(p, dim=1)[indices] * x.unsqueeze(1)).sum(-1).detach()
-        return gml.kept_similarities(x, p, indices, values)
+        return gml.kept_similarities(x, p, indices, values, block_bytes=block_bytes)
 
     if with_zero_proxy:  # gradcheck's finite differences cannot step over the clamp's kink
         expected = torch.autograd.grad((kept(embeddings, proxies) ** 2).sum(), proxies)[0][7]
@@ -410,6 +416,26 @@ def test_sparse_backward_passes_gradcheck(with_zero_proxy):
         )
     else:
         assert torch.autograd.gradcheck(kept, (embeddings, proxies))
+
+
+def test_both_proxy_products_give_the_same_gradients():
+    """Every proxy kept by many samples (sums of up to 40 terms), and the sharded loss's
+    padding: repeated entries of one proxy in a row, with a zero incoming gradient."""
+    generator = torch.Generator().manual_seed(9)
+    embeddings = torch.randn(40, 8, generator=generator, dtype=torch.float64)
+    proxies = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(12, generator=generator)[:9] for _ in range(40)])
+    indices[:5, -2:] = indices[:5, :1]  # each of these rows holds its first proxy 3 times
+    incoming = torch.randn(40, 9, generator=generator, dtype=torch.float64)
+    incoming[:5, -2:] = 0
+    gradients = []
+    for block_bytes in PROXY_PRODUCTS.values():
+        x, p = embeddings.clone().requires_grad_(), proxies.clone().requires_grad_()
+        values = (F.normalize(p, dim=1)[indices] * x.unsqueeze(1)).sum(-1).detach()
+        kept = gml.kept_similarities(x, p, indices, values, block_bytes=block_bytes)
+        gradients.append(torch.autograd.grad(kept, (x, p), incoming))
+    for dense, sorted_bags in zip(*gradients):
+        torch.testing.assert_close(dense, sorted_bags, rtol=1e-12, atol=1e-12)
 
 
 def test_sampled_regularizer_is_the_mean_over_the_sampled_rows():

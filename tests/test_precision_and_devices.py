@@ -126,17 +126,22 @@ def test_a_step_creates_no_tensor_on_the_default_device(weight_lambda):
     assert embeddings.grad.device.type == "cpu" and torch.isfinite(loss_fn.proxies.grad).all()
 
 
-@pytest.mark.parametrize("sparse_proxy_grad", [False, True])
-def test_sparse_backward_creates_no_tensor_on_the_default_device(sparse_proxy_grad):
+@pytest.mark.parametrize(
+    ("sparse_proxy_grad", "dense_weights"),
+    [(False, True), (False, False), (True, False)],
+    ids=["dense gradient by a GEMM", "dense gradient by sorted bags", "sparse gradient"],
+)
+def test_sparse_backward_creates_no_tensor_on_the_default_device(sparse_proxy_grad, dense_weights):
     """Autograd runs backward outside the caller's device context, so call it directly."""
     embeddings, proxies = torch.randn(8, 16), torch.randn(40, 16)
     indices, values = gml.select_topk(embeddings, proxies, torch.arange(8), 4, 10)
 
     class SavedContext:
         saved_tensors = (embeddings, proxies, indices, values)
-        needs_input_grad = (True, True, False, False, False)
+        needs_input_grad = (True, True, False, False, False, False)
 
     SavedContext.sparse_proxy_grad = sparse_proxy_grad
+    SavedContext.dense_weights = dense_weights
 
     with torch.device("meta"):
         grads = gml._KeptSimilarities.backward(SavedContext, torch.ones_like(values))

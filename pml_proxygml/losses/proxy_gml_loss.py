@@ -451,7 +451,9 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self, x: torch.Tensor, proxies: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
         """The (B, k) kept similarities, differentiable in ``x`` and ``proxies``."""
-        return gml.kept_similarities(x, proxies, indices, values, self.sparse_proxy_grad)
+        return gml.kept_similarities(
+            x, proxies, indices, values, self.sparse_proxy_grad, self.selection_block_bytes
+        )
 
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
         if self.weight_lambda == 0:
