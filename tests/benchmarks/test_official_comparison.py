@@ -55,6 +55,12 @@ def test_the_comparison_finds_the_same_loss_and_gradients(stand_in, weight_lambd
     assert row["met"] == (row["speed-up"] >= 1.0)
 
 
+def test_the_seed_fixes_the_official_proxies_and_the_batch(stand_in):
+    config = official_comparison.Config("tiny", 40, 3, 5, 0.0, 1.0)
+    rows = [official_comparison.compare(stand_in, config, 1, seed) for seed in (3, 3, 4)]
+    assert rows[0]["loss official"] == rows[1]["loss official"] != rows[2]["loss official"]
+
+
 def test_a_wrong_official_path_is_one_line_error(tmp_path):
     with pytest.raises(BenchmarkError, match="no such file"):
         official_comparison.load_official(tmp_path / "missing.py")
