@@ -1165,8 +1165,8 @@ def _subgraph_loss_and_slope(
     probabilities = masked_softmax(logits, present & (logits != 0))
     is_target = classes == labels.unsqueeze(1)
     target = _target_probability(probabilities, is_target)
-    per_sample = -torch.log(target + LOG_EPS).squeeze(1)
     slope = probabilities * (target - is_target.to(target.dtype)) / (target + LOG_EPS)
+    per_sample = classification_loss(probabilities, is_target)
     return per_sample, present, slope if slot is None else slope.gather(1, slot)
 
 
