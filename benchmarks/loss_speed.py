@@ -37,6 +37,7 @@ as ``loss_speed_<device>[_quick].{csv,json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import multiprocessing
 import re
 import resource
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
 from .core import cli, measure, registry, report
@@ -68,7 +70,9 @@ LOSS_LABELS = {
 # then 50,000 with the default r, so the cap changes the selection by a large factor).
 CAPPED_TOP_K_MIN_PROXIES = 1_000_000
 # ProxyGMLLoss's default selection; the others (certified screenings) are opt-in rows.
-DEFAULT_SELECTION_PRECISION = "fp32"
+DEFAULT_SELECTION_PRECISION = (
+    inspect.signature(ProxyGMLLoss).parameters["selection_precision"].default
+)
 CSV_COLUMNS = [
     "config",
     "loss",
