@@ -429,9 +429,9 @@ def test_auto_measures_once_per_shape_and_keeps_the_same_set(monkeypatch):
     assert timed == [torch.float32, torch.bfloat16, torch.float16]  # once, every candidate
     (choice,) = gml._FASTEST_SCREENING.values()
     assert choice in timed
-    assert torch.equal(
-        auto.indices, gml.select_kept(x, proxies, labels, 2, 30, precision="fp32").indices
-    )
+    # Whichever screening the timings chose (it varies with the machine's load), the kept
+    # set is the canonical one; the order of the negatives within a row may differ.
+    assert_canonical(auto, x, proxies, labels, 2, 30, exact_values=False)
 
 
 def test_small_problems_screen_in_the_compute_dtype_unmeasured(monkeypatch):
