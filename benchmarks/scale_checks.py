@@ -42,6 +42,7 @@ from pml_proxygml import functional as gml
 
 from .core import cli, report
 from .core.measure import PeakMemory, allocation_peak_mib, median_seconds, time_steps
+from .core.registry import TIMED_SELECTION_PRECISIONS
 
 MIB = 2**20
 GIB = 2**30
@@ -265,7 +266,6 @@ SOP_CLASSES = 11318
 TARGET_X_FLOOR = {32: 1.8, 256: 1.5}
 TARGET_X_PROXYANCHOR = 0.3
 TARGET_MEMORY_X_BCN = 2.0
-TIMED_PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 def _target_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
@@ -274,7 +274,7 @@ def _target_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
     proxies = torch.randn(SOP_CLASSES, 512, generator=generator)
     labels = torch.randint(0, SOP_CLASSES, (batch,), generator=generator)
     proxygml = {}
-    for precision in TIMED_PRECISIONS:
+    for precision in TIMED_SELECTION_PRECISIONS:
         loss = ProxyGMLLoss(
             SOP_CLASSES,
             512,
@@ -305,7 +305,7 @@ def _target_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
     median = {name: statistics.median(values) for name, values in times.items()}
     shape = f"B={batch}"
     rows = []
-    for precision in TIMED_PRECISIONS:
+    for precision in TIMED_SELECTION_PRECISIONS:
         x_floor = median[precision] / median["floor"]
         x_anchor = median[precision] / median["ProxyAnchor"]
         rows += [

@@ -52,8 +52,7 @@ from pml_proxygml import functional as gml
 
 from .core import cli, report
 from .core.measure import load_average
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .core.registry import TIMED_SELECTION_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
             normalised, proxies, labels, shape.proxies_per_class, k
         ),
     }
-    for precision in (*PRECISIONS, "auto"):
+    for precision in TIMED_SELECTION_PRECISIONS:
         variants[f"select {precision}"] = lambda p=precision: gml.select_kept(
             normalised, proxies, labels, shape.proxies_per_class, k, precision=p
         )
@@ -130,7 +129,7 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
         embeddings.grad = loss.proxies.grad = None
         module(embeddings, labels).backward()
 
-    for precision in (*PRECISIONS, "auto"):
+    for precision in TIMED_SELECTION_PRECISIONS:
         variants[f"step {precision}"] = lambda p=precision: step(p)
     if compiled:
         compiled_loss = torch.compile(loss)

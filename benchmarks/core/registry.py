@@ -23,6 +23,10 @@ from pml_proxygml import ProxyGMLLoss
 
 from .errors import RecipeError
 
+# ProxyGMLLoss's selection precisions in the order the speed scripts time them: the default
+# first, the certified screenings, then "auto" (which picks one of them).
+TIMED_SELECTION_PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
 SOFTTRIPLE_SQRT_EPS = 1e-5  # official SoftTriple code, keeps the regulariser's gradient finite
 
 
