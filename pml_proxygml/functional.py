@@ -43,6 +43,10 @@ DEFAULT_SELECTION_BLOCK_BYTES = 16 << 20
 # and slower at millions.
 DENSE_WEIGHTS_MAX_ELEMENTS = 1 << 19
 
+# Largest (B, C) matrix of class logits the sub-graph loss sums densely, as the official
+# code does (one scatter); larger problems take per-row segment sums over the kept entries.
+DENSE_CLASS_LOGITS_MAX_ELEMENTS = 1 << 19
+
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
 DEFAULT_REGULARIZER_BLOCK_ELEMENTS = 1 << 24
 
@@ -1129,20 +1133,27 @@ def _class_sums(
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The official masked softmax ``exp(Z) * M / (1e-8 + sum(exp(Z) * M))``.
 
-    Computed max-shifted, ``exp(Z - m) / (1e-8 * exp(-m) + sum(exp(Z - m)))``, which is the
-    same function (same value and gradient, the 1e-8 included) without overflow.
-    A row with an empty mask gives all-zero probabilities, as in the official code.
+    Computed max-shifted, ``exp(Z - m) / (1e-8 * exp(-m) + sum(exp(Z - m)))`` with m the
+    row's largest unmasked logit, which is the same function (same value and gradient, the
+    1e-8 included) without overflow. The mask enters as a 0/1 factor, never as a boolean
+    selection: on CPU, elementwise ops that read or write booleans run several times slower
+    than float arithmetic. A row with an empty mask gives all-zero probabilities, as in the
+    official code.
     """
-    neg_inf = torch.finfo(logits.dtype).min
-    shift = logits.detach().masked_fill(~mask, neg_inf).amax(dim=1, keepdim=True)
-    shift = torch.where(mask.any(dim=1, keepdim=True), shift, torch.zeros_like(shift))
-    exp = torch.exp((logits - shift).masked_fill(~mask, float("-inf")))
+    kept = mask.to(logits.dtype)
+    lowest = torch.finfo(logits.dtype).min
+    shift = (logits.detach() * kept + (1 - kept) * lowest).amax(dim=1, keepdim=True)
+    shift = torch.where(shift > lowest, shift, 0)  # an empty row: no shift
+    exp = torch.exp((logits - shift) * kept) * kept
     denominator = SOFTMAX_DENOMINATOR_EPS * torch.exp(-shift) + exp.sum(dim=1, keepdim=True)
     return exp / denominator
 
 
 def classification_loss(probabilities: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``-log(P[target] + 1e-20)``, shape (B,); a missing target costs 46.05."""
+    """Per-sample ``-log(P[target] + 1e-20)``, shape (B,); a missing target costs 46.05.
+
+    ``is_target`` marks each row's target class, boolean or 0/1 in the probabilities' dtype.
+    """
     return -torch.log(_target_probability(probabilities, is_target) + LOG_EPS).squeeze(1)
 
 
@@ -1151,62 +1162,94 @@ def _target_probability(probabilities: torch.Tensor, is_target: torch.Tensor) ->
     return (probabilities * is_target).sum(dim=1, keepdim=True)
 
 
+def _uses_dense_class_logits(
+    batch_size: int, num_classes: int | None, classes_are_distinct: bool
+) -> bool:
+    """Whether the sub-graph loss sums class logits densely (see ``subgraph_loss``)."""
+    return (
+        not classes_are_distinct
+        and num_classes is not None
+        and batch_size * num_classes <= DENSE_CLASS_LOGITS_MAX_ELEMENTS
+    )
+
+
+def _subgraph_logits(
+    kept_similarities: torch.Tensor,
+    kept_classes: torch.Tensor,
+    labels: torch.Tensor,
+    classes_are_distinct: bool,
+    num_classes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, is_target, slot)``: the class logits of each row, 0/1 marks of its target
+    class in the logits' dtype, and the (B, k) column each kept entry is summed into (None:
+    its own). Dense (B, C) columns are the classes (see ``subgraph_loss``); otherwise the
+    columns are ``class_logits``'s slots."""
+    if _uses_dense_class_logits(len(kept_similarities), num_classes, classes_are_distinct):
+        logits = kept_similarities.new_zeros(len(kept_similarities), num_classes)
+        logits = logits.scatter_add(1, kept_classes, kept_similarities)
+        is_target = torch.zeros_like(logits).scatter_(1, labels.unsqueeze(1), 1.0)
+        return logits, is_target, kept_classes
+    logits, classes, _, slot = _class_sums(kept_similarities, kept_classes, classes_are_distinct)
+    return logits, (classes == labels.unsqueeze(1)).to(logits.dtype), slot
+
+
 def _subgraph_loss_and_slope(
     kept_similarities: torch.Tensor,
     kept_classes: torch.Tensor,
     labels: torch.Tensor,
     classes_are_distinct: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(per_sample, present, slope)``: ``subgraph_loss`` and the (B, k) derivative of
-    each row's loss in its kept similarities (see ``_SubgraphLoss``), from plain ops."""
-    logits, classes, present, slot = _class_sums(
-        kept_similarities, kept_classes, classes_are_distinct
+    num_classes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per_sample, slope)``: ``subgraph_loss`` and the (B, k) derivative of each row's
+    loss in its kept similarities (see ``_SubgraphLoss``), from plain ops."""
+    logits, is_target, slot = _subgraph_logits(
+        kept_similarities, kept_classes, labels, classes_are_distinct, num_classes
     )
-    probabilities = masked_softmax(logits, present & (logits != 0))
-    is_target = classes == labels.unsqueeze(1)
+    # Classes with no kept proxy sum to 0: the official mask Z != 0 drops them with the rest.
+    probabilities = masked_softmax(logits, logits != 0)
     target = _target_probability(probabilities, is_target)
-    slope = probabilities * (target - is_target.to(target.dtype)) / (target + LOG_EPS)
+    slope = (probabilities - is_target) * (target / (target + LOG_EPS))
     per_sample = classification_loss(probabilities, is_target)
-    return per_sample, present, slope if slot is None else slope.gather(1, slot)
+    return per_sample, slope if slot is None else slope.gather(1, slot)
 
 
 class _SubgraphLoss(torch.autograd.Function):
     """Per-sample loss of each sub-graph from its kept similarities S, differentiated in
-    closed form instead of through the ~30 ops of the segment sums and the softmax.
+    closed form instead of through the ~30 ops of the class sums and the softmax.
 
     With z_c the class logits (sums of S over the class's kept proxies), P the masked
     softmax (0 off the mask), t_c the target indicator and P_y = sum_c P_c t_c, the loss
-    L = -log(P_y + eps) has dL/dz_c = P_c (P_y - t_c) / (P_y + eps), the official
-    epsilons' exact derivative (dP_c / dz_c' = P_c (delta_cc' - P_c') on the mask, the
-    1e-8 term included). Each kept entry takes its class's derivative: dL/dS_m =
-    dL/dz_c(m). The forward computes this slope beside the loss; the backward scales it.
+    L = -log(P_y + eps) has dL/dz_c = P_c (P_y - t_c) / (P_y + eps) = (P_c - t_c) P_y /
+    (P_y + eps) (as P_c t_c = P_y t_c), the official epsilons' exact derivative
+    (dP_c / dz_c' = P_c (delta_cc' - P_c') on the mask, the 1e-8 term included). Each kept
+    entry takes its class's derivative: dL/dS_m = dL/dz_c(m). The forward computes this
+    slope beside the loss; the backward scales it.
 
     Twice differentiable: when the backward itself is recorded, the slope is recomputed
     from S by the same ops, whose own derivative is then the loss's Hessian in z.
     """
 
     @staticmethod
-    def forward(kept_similarities, kept_classes, labels, classes_are_distinct):
+    def forward(kept_similarities, kept_classes, labels, classes_are_distinct, num_classes):
         return _subgraph_loss_and_slope(
-            kept_similarities, kept_classes, labels, classes_are_distinct
+            kept_similarities, kept_classes, labels, classes_are_distinct, num_classes
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        kept_similarities, kept_classes, labels, classes_are_distinct = inputs
-        _, present, slope = output
-        ctx.mark_non_differentiable(present, slope)
-        ctx.save_for_backward(kept_similarities, kept_classes, labels, slope)
-        ctx.classes_are_distinct = classes_are_distinct
+        kept_similarities, kept_classes, labels, classes_are_distinct, num_classes = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(kept_similarities, kept_classes, labels, output[1])
+        ctx.layout = classes_are_distinct, num_classes
 
     @staticmethod
-    def backward(ctx, grad, _grad_present, _grad_slope):
+    def backward(ctx, grad, _grad_slope):
         kept_similarities, kept_classes, labels, slope = ctx.saved_tensors
         if torch.is_grad_enabled() and kept_similarities.requires_grad:
-            slope = _subgraph_loss_and_slope(
-                kept_similarities, kept_classes, labels, ctx.classes_are_distinct
-            )[2]
-        return grad.unsqueeze(1) * slope, None, None, None
+            slope = _subgraph_loss_and_slope(kept_similarities, kept_classes, labels, *ctx.layout)[
+                1
+            ]
+        return grad.unsqueeze(1) * slope, None, None, None, None
 
 
 def subgraph_loss(
@@ -1214,19 +1257,32 @@ def subgraph_loss(
     kept_classes: torch.Tensor,
     labels: torch.Tensor,
     classes_are_distinct: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample loss of each sample's sub-graph, and its (B, k) slots of present classes.
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Per-sample loss of each sample's sub-graph, shape (B,).
 
-    Class logits are the per-class sums of the kept similarities (``class_logits``);
-    classes whose logit is exactly 0 drop out of the masked softmax (``masked_softmax``),
-    as in the official code; the loss is ``classification_loss``'s. Differentiable in
-    ``kept_similarities`` (twice), by the closed form of ``_SubgraphLoss``.
-    ``classes_are_distinct`` is ``class_logits``'s shortcut for one proxy per class.
+    Class logits are the per-class sums of the kept similarities; classes whose logit is
+    exactly 0 drop out of the masked softmax (``masked_softmax``), as in the official
+    code; the loss is ``classification_loss``'s. Differentiable in ``kept_similarities``
+    (twice), by the closed form of ``_SubgraphLoss``.
+
+    Given ``num_classes`` with B * C at most ``DENSE_CLASS_LOGITS_MAX_ELEMENTS``, the sums
+    go into a dense (B, C) matrix by one scatter, as the official code forms them (cheaper
+    than sorting each row when C is small); otherwise they are ``class_logits``'s segment
+    sums, O(B * k log k) whatever C. Both give the same values up to the order of each
+    class's additions. ``classes_are_distinct`` (one proxy per class) takes each kept
+    entry as its own class's sum, in either case: no sum, no sort.
     """
-    per_sample, present, _ = _SubgraphLoss.apply(
-        kept_similarities, kept_classes, labels, classes_are_distinct
+    per_sample, _ = _SubgraphLoss.apply(
+        kept_similarities, kept_classes, labels, classes_are_distinct, num_classes
     )
-    return per_sample, present
+    return per_sample
+
+
+def classes_per_subgraph(kept_classes: torch.Tensor) -> torch.Tensor:
+    """(B,) number of distinct classes among each row's kept proxies."""
+    ordered = kept_classes.sort(dim=1).values
+    return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
 
 
 def _regularizer_blocks(

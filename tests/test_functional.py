@@ -102,10 +102,12 @@ def test_masked_softmax_equals_official_formula():
 
 
 def test_masked_softmax_does_not_overflow():
-    logits = torch.tensor([[1000.0, 999.0, -5.0]], requires_grad=True)
-    probabilities = gml.masked_softmax(logits, torch.tensor([[True, True, False]]))
+    """Neither on the mask nor off it, where any finite logit is ignored."""
+    logits = torch.tensor([[1000.0, 999.0, -5.0, 3e38, -3e38]], requires_grad=True)
+    mask = torch.tensor([[True, True, False, False, False]])
+    probabilities = gml.masked_softmax(logits, mask)
     probabilities[0, 0].backward()
-    expected = torch.tensor([1, math.exp(-1), 0]) / (1 + math.exp(-1))
+    expected = torch.tensor([1, math.exp(-1), 0, 0, 0]) / (1 + math.exp(-1))
     torch.testing.assert_close(probabilities.detach()[0], expected)
     assert torch.isfinite(logits.grad).all()
 
@@ -143,9 +145,11 @@ def subgraph_case():
     return similarities.requires_grad_(), classes, labels
 
 
-def test_subgraph_loss_gradients_in_closed_form_equal_autograd_of_its_parts():
+@pytest.mark.parametrize("num_classes", [None, 10], ids=["segment sums", "dense (B, C)"])
+def test_subgraph_loss_gradients_in_closed_form_equal_autograd_of_its_parts(num_classes):
     """Value, gradient and Hessian-vector product against the plain composition, on the
-    edge cases of the official epsilons; and gradgradcheck of the Function itself."""
+    edge cases of the official epsilons, with the class logits in either layout; and
+    gradgradcheck of the Function itself."""
     similarities, classes, labels = subgraph_case()
     weights = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     vector = torch.randn_like(similarities)
@@ -157,7 +161,7 @@ def test_subgraph_loss_gradients_in_closed_form_equal_autograd_of_its_parts():
         return loss, grad, second
 
     def closed_form(*inputs):
-        return gml.subgraph_loss(*inputs)[0]
+        return gml.subgraph_loss(*inputs, num_classes=num_classes)
 
     ours, expected = first_and_second(closed_form), first_and_second(plain_subgraph_loss)
     assert ours[1][4].abs().sum() == 0 and ours[2].abs().sum() > 0
@@ -167,20 +171,62 @@ def test_subgraph_loss_gradients_in_closed_form_equal_autograd_of_its_parts():
     smooth = torch.randn(6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for distinct, kept_classes in ((False, classes), (True, torch.arange(7).repeat(6, 1))):
         torch.autograd.gradgradcheck(
-            lambda s, c=kept_classes, d=distinct: gml.subgraph_loss(s, c, labels, d)[0],
+            lambda s, c=kept_classes, d=distinct: gml.subgraph_loss(s, c, labels, d, num_classes),
             (smooth.requires_grad_(),),
         )
 
 
-def test_subgraph_loss_takes_the_saved_slope_unless_the_backward_is_recorded():
+@pytest.mark.parametrize("num_classes", [None, 10], ids=["segment sums", "dense (B, C)"])
+def test_subgraph_loss_takes_the_saved_slope_unless_the_backward_is_recorded(num_classes):
     similarities, classes, labels = subgraph_case()
     slope = mock.patch.object(gml, "_subgraph_loss_and_slope", wraps=gml._subgraph_loss_and_slope)
     with slope as calls:
-        gml.subgraph_loss(similarities, classes, labels)[0].sum().backward()
+        gml.subgraph_loss(similarities, classes, labels, num_classes=num_classes).sum().backward()
         assert calls.call_count == 1
-        loss = gml.subgraph_loss(similarities, classes, labels)[0].sum()
+        loss = gml.subgraph_loss(similarities, classes, labels, num_classes=num_classes).sum()
         torch.autograd.grad(loss, similarities, create_graph=True)
         assert calls.call_count == 3
+
+
+@pytest.mark.parametrize("proxies_per_class", [1, 4])
+def test_subgraph_loss_layouts_agree_and_the_size_picks_one(proxies_per_class):
+    """Dense (B, C) class logits up to DENSE_CLASS_LOGITS_MAX_ELEMENTS, segment sums beyond
+    (or without num_classes), the kept entries as they are with one proxy per class: the
+    same losses and gradients (fp32: the order of each class's additions may differ)."""
+    generator = torch.Generator().manual_seed(5)
+    num_classes, batch_size = 50, 16
+    embeddings = F.normalize(torch.randn(batch_size, 32, generator=generator), dim=1)
+    proxies = torch.randn(num_classes * proxies_per_class, 32, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    indices, values = gml.select_topk(embeddings, proxies, labels, proxies_per_class, 30)
+    kept_classes = indices // proxies_per_class
+    distinct = proxies_per_class == 1
+    results = []
+    segment_sums = mock.patch.object(gml, "_class_sums", wraps=gml._class_sums)
+    for threshold, dense in (
+        (batch_size * num_classes, True),
+        (batch_size * num_classes - 1, False),
+    ):
+        similarities = values.clone().requires_grad_()
+        with (
+            mock.patch.object(gml, "DENSE_CLASS_LOGITS_MAX_ELEMENTS", threshold),
+            segment_sums as sums,
+        ):
+            loss = gml.subgraph_loss(similarities, kept_classes, labels, distinct, num_classes)
+        assert sums.called == (distinct or not dense)  # N = 1: no sums to form
+        loss.sum().backward()
+        results.append((loss, similarities.grad))
+    without_num_classes = values.clone().requires_grad_()
+    unsized = gml.subgraph_loss(without_num_classes, kept_classes, labels, distinct)
+    unsized.sum().backward()
+    for loss, grad in (results[1], (unsized, without_num_classes.grad)):
+        torch.testing.assert_close(loss, results[0][0])
+        torch.testing.assert_close(grad, results[0][1])
+
+
+def test_classes_per_subgraph_counts_distinct_kept_classes():
+    kept_classes = torch.tensor([[4, 1, 4, 7], [2, 2, 2, 2], [0, 1, 2, 3]])
+    assert gml.classes_per_subgraph(kept_classes).tolist() == [3, 1, 4]
 
 
 # Shapes the golden files' hidden set covers, checked here against the dense reference.

@@ -385,11 +385,13 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self._validate(embeddings, labels)
         with gml.full_precision(embeddings.device):
             x, proxies, indices, values = self._subgraphs(embeddings, labels)
-            per_sample, present = gml.subgraph_loss(
+            kept_classes = indices // self.proxies_per_class
+            per_sample = gml.subgraph_loss(
                 self._kept_similarities(x, proxies, indices, values),
-                indices // self.proxies_per_class,
+                kept_classes,
                 labels,
                 classes_are_distinct=self.proxies_per_class == 1,
+                num_classes=self.num_classes,
             )
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=x.dtype)
             loss_dict = {
@@ -403,7 +405,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "proxy_reg_loss": self._proxy_regularization(proxies),
             }
             if self.collect_stats:
-                self.avg_classes_per_subgraph = present.sum(dim=1).float().mean().item()
+                classes = gml.classes_per_subgraph(kept_classes)
+                self.avg_classes_per_subgraph = classes.float().mean().item()
         self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict
 
