@@ -421,7 +421,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
 
     @torch.no_grad()
     def _select(
-        self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor
+        self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_select_top`` over all C * N proxies, from each rank's top-k over its shard.
 
@@ -443,7 +443,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
             if len(rows) == 0:
                 continue
             local_labels = labels[rows] - self.class_start if with_labels else None
-            found, similarities = self._select_top(x[rows], proxies, local_labels, local_k)
+            found, similarities = self._select_top(x[rows], proxies, local_labels, local_k, norms)
             candidates[rows, :local_k] = found + start
             values[rows, :local_k] = similarities
 
@@ -460,7 +460,12 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
         return candidates.gather(1, keep), values.gather(1, keep)
 
     def _kept_similarities(
-        self, x: torch.Tensor, proxies: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+        self,
+        x: torch.Tensor,
+        proxies: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        norms: torch.Tensor,
     ) -> torch.Tensor:
         """The (B, k) kept similarities, differentiable in the entries of this rank's proxies.
 
@@ -482,6 +487,7 @@ class ShardedProxyGMLLoss(ProxyGMLLoss):
             values,
             self.sparse_proxy_grad,
             self.selection_block_bytes,
+            norms=norms,
         )
         return torch.where(owned, kept, values)
 

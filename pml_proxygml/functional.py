@@ -218,10 +218,12 @@ def _positives(
     proxies: torch.Tensor,
     labels: torch.Tensor | None,
     proxies_per_class: int,
+    norms: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(inverse_norms, positives, values)``: the proxies' inverse norms, each sample's
-    (B, N) positive proxies (none when ``labels`` is None) and their similarities."""
-    inverse_norms = proxy_norms(proxies).reciprocal()
+    """``(inverse_norms, positives, values)``: the proxies' inverse norms (from ``norms``,
+    ``proxy_norms(proxies)`` if None), each sample's (B, N) positive proxies (none when
+    ``labels`` is None) and their similarities."""
+    inverse_norms = (proxy_norms(proxies) if norms is None else norms).reciprocal()
     if labels is None:
         positives = embeddings.new_empty(len(embeddings), 0, dtype=torch.long)
     else:
@@ -239,6 +241,7 @@ def select_topk(
     proxies_per_class: int,
     k: int,
     block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
+    norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k proxies kept per sample, positives first, and their cosine similarities.
 
@@ -258,13 +261,14 @@ def select_topk(
         proxies_per_class: N.
         k: proxies kept per sample, 1 <= k <= CN.
         block_bytes: memory budget of one (B, block) block of similarities.
+        norms: ``proxy_norms(proxies)``, if the caller has them (computed here if None).
 
     Returns:
         ``(indices, similarities)``, each (B, k), in no meaningful order.
     """
     batch_size, num_proxies = embeddings.shape[0], proxies.shape[0]
     inverse_norms, kept_positives, positive_values = _positives(
-        embeddings, proxies, labels, proxies_per_class
+        embeddings, proxies, labels, proxies_per_class, norms
     )
     if k <= kept_positives.shape[1]:
         values, best = positive_values.topk(k, dim=1, sorted=False)
@@ -298,6 +302,7 @@ def select_kept(
     k: int,
     block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
     precision: str = "fp32",
+    norms: torch.Tensor | None = None,
 ) -> Selection:
     """The k proxies kept per sample, positives first, and their cosine similarities.
 
@@ -353,6 +358,7 @@ def select_kept(
         k: proxies kept per sample, 1 <= k <= CN.
         block_bytes: memory budget of one (B, block) block of similarities.
         precision: one of ``SELECTION_PRECISIONS``: how all proxies are screened.
+        norms: ``proxy_norms(proxies)``, if the caller has them (computed here if None).
 
     Returns:
         ``Selection(indices, similarities, fallback_rows, screening)``: (B, k) kept
@@ -364,7 +370,7 @@ def select_kept(
         raise ValueError(f"precision must be one of {SELECTION_PRECISIONS}, got {precision!r}")
     num_proxies = proxies.shape[0]
     inverse_norms, positives, positive_values = _positives(
-        embeddings, proxies, labels, proxies_per_class
+        embeddings, proxies, labels, proxies_per_class, norms
     )
     fallback_rows = torch.zeros((), dtype=torch.long, device=embeddings.device)
     screening = embeddings.dtype
@@ -999,28 +1005,31 @@ class _KeptSimilarities(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(embeddings, proxies, indices, similarities, sparse_proxy_grad, dense_weights):
+    def forward(
+        embeddings, proxies, indices, similarities, norms, sparse_proxy_grad, dense_weights
+    ):
         return similarities.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        embeddings, proxies, indices, similarities, sparse_proxy_grad, dense_weights = inputs
-        ctx.save_for_backward(embeddings, proxies, indices, similarities)
-        ctx.sparse_proxy_grad = sparse_proxy_grad
+        embeddings, proxies, indices, similarities, norms, sparse, dense_weights = inputs
+        ctx.save_for_backward(embeddings, proxies, indices, similarities, norms)
+        ctx.sparse_proxy_grad = sparse
         ctx.dense_weights = dense_weights
 
     @staticmethod
     def backward(ctx, grad):
-        embeddings, proxies, indices, similarities = ctx.saved_tensors
+        embeddings, proxies, indices, similarities, norms = ctx.saved_tensors
         if torch.is_grad_enabled() and any(
             tensor.requires_grad for tensor in (grad, embeddings, proxies)
         ):
             grads = _differentiable_kept_gradients(
                 embeddings, proxies, indices, grad, ctx.needs_input_grad, ctx.sparse_proxy_grad
             )
-            return *grads, None, None, None, None
+            return *grads, None, None, None, None, None
         (batch_size, k), num_proxies = indices.shape, proxies.shape[0]
-        norms = proxy_norms(proxies)
+        if norms is None:
+            norms = proxy_norms(proxies)
         flat_indices = indices.reshape(-1)
         scaled = (grad / norms[indices]).reshape(-1)  # g_im / |p_j|: both products need it
         grad_embeddings = grad_proxies = None
@@ -1052,7 +1061,7 @@ class _KeptSimilarities(torch.autograd.Function):
             radial = torch.where(row_norms > NORM_EPS, radial / row_norms.square(), 0)
             grad_rows.addcmul_(radial.unsqueeze(1), row_proxies, value=-1)
             grad_proxies = _proxy_gradient(grad_rows, rows, proxies.shape)
-        return grad_embeddings, grad_proxies, None, None, None, None
+        return grad_embeddings, grad_proxies, None, None, None, None, None
 
 
 def kept_similarities(
@@ -1062,6 +1071,7 @@ def kept_similarities(
     similarities: torch.Tensor,
     sparse_proxy_grad: bool = False,
     block_bytes: int = DEFAULT_SELECTION_BLOCK_BYTES,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable (B, k) similarities of the kept proxies (values from ``select_topk``).
 
@@ -1075,6 +1085,10 @@ def kept_similarities(
     of them when that scatter holds at most ``DENSE_WEIGHTS_MAX_ELEMENTS`` and fits
     ``block_bytes`` (the selection's own block budget): there it beats sorting the entries
     by proxy for the sparse product, which larger problems take.
+
+    ``norms``, the proxies' ``proxy_norms`` if the caller has them (the selection's), spare
+    the backward its own pass over the proxies; a recorded (second-order) backward
+    recomputes them, differentiably.
     """
     weights_size = embeddings.shape[0] * proxies.shape[0]
     dense_weights = (
@@ -1083,7 +1097,7 @@ def kept_similarities(
         and weights_size * embeddings.element_size() <= block_bytes
     )
     return _KeptSimilarities.apply(
-        embeddings, proxies, indices, similarities, sparse_proxy_grad, dense_weights
+        embeddings, proxies, indices, similarities, norms, sparse_proxy_grad, dense_weights
     )
 
 

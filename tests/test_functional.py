@@ -480,8 +480,32 @@ def test_both_proxy_products_give_the_same_gradients():
         values = (F.normalize(p, dim=1)[indices] * x.unsqueeze(1)).sum(-1).detach()
         kept = gml.kept_similarities(x, p, indices, values, block_bytes=block_bytes)
         gradients.append(torch.autograd.grad(kept, (x, p), incoming))
+        # The selection's norms, handed over, are the ones the backward would compute.
+        kept = gml.kept_similarities(
+            x, p, indices, values, block_bytes=block_bytes, norms=gml.proxy_norms(p.detach())
+        )
+        for given, own in zip(torch.autograd.grad(kept, (x, p), incoming), gradients[-1]):
+            torch.testing.assert_close(given, own, rtol=0, atol=0)
     for dense, sorted_bags in zip(*gradients):
         torch.testing.assert_close(dense, sorted_bags, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("selection_precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("sparse_proxy_grad", [False, True])
+def test_a_step_reads_the_proxies_norms_once(selection_precision, sparse_proxy_grad):
+    """The selection and the backward share one pass over the proxies for their norms."""
+    loss_fn = ProxyGMLLoss(
+        30,
+        16,
+        proxies_per_class=3,
+        weight_lambda=0.0,
+        selection_precision=selection_precision,
+        sparse_proxy_grad=sparse_proxy_grad,
+    )
+    embeddings = torch.randn(8, 16, requires_grad=True)
+    with mock.patch.object(gml, "proxy_norms", wraps=gml.proxy_norms) as norms:
+        loss_fn(embeddings, torch.randint(0, 30, (8,))).backward()
+    assert norms.call_count == 1
 
 
 def test_sampled_regularizer_is_the_mean_over_the_sampled_rows():

@@ -131,14 +131,18 @@ def test_a_step_creates_no_tensor_on_the_default_device(weight_lambda):
     [(False, True), (False, False), (True, False)],
     ids=["dense gradient by a GEMM", "dense gradient by sorted bags", "sparse gradient"],
 )
-def test_sparse_backward_creates_no_tensor_on_the_default_device(sparse_proxy_grad, dense_weights):
+@pytest.mark.parametrize("given_norms", [False, True], ids=["own norms", "selection's norms"])
+def test_sparse_backward_creates_no_tensor_on_the_default_device(
+    sparse_proxy_grad, dense_weights, given_norms
+):
     """Autograd runs backward outside the caller's device context, so call it directly."""
     embeddings, proxies = torch.randn(8, 16), torch.randn(40, 16)
     indices, values = gml.select_topk(embeddings, proxies, torch.arange(8), 4, 10)
+    norms = gml.proxy_norms(proxies) if given_norms else None
 
     class SavedContext:
-        saved_tensors = (embeddings, proxies, indices, values)
-        needs_input_grad = (True, True, False, False, False, False)
+        saved_tensors = (embeddings, proxies, indices, values, norms)
+        needs_input_grad = (True, True, False, False, False, False, False)
 
     SavedContext.sparse_proxy_grad = sparse_proxy_grad
     SavedContext.dense_weights = dense_weights

@@ -384,10 +384,10 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._validate(embeddings, labels)
         with gml.full_precision(embeddings.device):
-            x, proxies, indices, values = self._subgraphs(embeddings, labels)
+            x, proxies, norms, indices, values = self._subgraphs(embeddings, labels)
             kept_classes = indices // self.proxies_per_class
             per_sample = gml.subgraph_loss(
-                self._kept_similarities(x, proxies, indices, values),
+                self._kept_similarities(x, proxies, indices, values, norms),
                 kept_classes,
                 labels,
                 classes_are_distinct=self.proxies_per_class == 1,
@@ -412,30 +412,48 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def _subgraphs(
         self, embeddings: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, proxies, indices, values)``: the inputs in the compute dtype and the
-        (B, k) indices and similarities of each sample's kept proxies (plain top-k when
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, proxies, norms, indices, values)``: the inputs in the compute dtype, the
+        proxies' norms (one pass over them, shared by the selection and the backward) and
+        the (B, k) indices and similarities of each sample's kept proxies (plain top-k when
         ``labels`` is None). The opening of both ``compute_loss`` and ``get_logits``."""
         x, proxies = self._inputs_in_compute_dtype(embeddings)
         if self.collect_stats:
             self.selection_fallback_rows = 0  # the selection adds its own (``_select_top``)
-        indices, values = self._select(x, proxies, labels)
-        return x, proxies, indices, values
+        with torch.no_grad():
+            norms = gml.proxy_norms(proxies)
+        indices, values = self._select(x, proxies, labels, norms)
+        return x, proxies, norms, indices, values
 
     def _select(
-        self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        proxies: torch.Tensor,
+        labels: torch.Tensor | None,
+        norms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and similarities of the k proxies each sample keeps (no gradient)."""
-        return self._select_top(x, proxies, labels, self.top_k)
+        return self._select_top(x, proxies, labels, self.top_k, norms)
 
     def _select_top(
-        self, x: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor | None, k: int
+        self,
+        x: torch.Tensor,
+        proxies: torch.Tensor,
+        labels: torch.Tensor | None,
+        k: int,
+        norms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's positives and most similar negatives, k in all, by the selection
         ``selection_precision`` names; a certified one adds its fallback rows to the stats."""
         if self.selection_precision == "fp32":
             return gml.select_topk(
-                x, proxies, labels, self.proxies_per_class, k, self.selection_block_bytes
+                x,
+                proxies,
+                labels,
+                self.proxies_per_class,
+                k,
+                self.selection_block_bytes,
+                norms=norms,
             )
         selection = gml.select_kept(
             x,
@@ -445,17 +463,29 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             k,
             self.selection_block_bytes,
             self.selection_precision,
+            norms=norms,
         )
         if self.collect_stats:
             self.selection_fallback_rows += selection.fallback_rows.item()
         return selection.indices, selection.similarities
 
     def _kept_similarities(
-        self, x: torch.Tensor, proxies: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+        self,
+        x: torch.Tensor,
+        proxies: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        norms: torch.Tensor,
     ) -> torch.Tensor:
         """The (B, k) kept similarities, differentiable in ``x`` and ``proxies``."""
         return gml.kept_similarities(
-            x, proxies, indices, values, self.sparse_proxy_grad, self.selection_block_bytes
+            x,
+            proxies,
+            indices,
+            values,
+            self.sparse_proxy_grad,
+            self.selection_block_bytes,
+            norms=norms,
         )
 
     def _proxy_regularization(self, proxies: torch.Tensor) -> dict:
@@ -588,8 +618,8 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """
         self._validate_embedding_shape(embeddings)
         with gml.full_precision(embeddings.device):
-            x, proxies, indices, values = self._subgraphs(embeddings, None)
-            kept = self._kept_similarities(x, proxies, indices, values)
+            x, proxies, norms, indices, values = self._subgraphs(embeddings, None)
+            kept = self._kept_similarities(x, proxies, indices, values, norms)
             kept_classes = indices // self.proxies_per_class
             scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
             scores = scores.scatter_add(1, kept_classes, kept)
