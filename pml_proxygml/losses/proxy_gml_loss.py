@@ -385,7 +385,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self._validate(embeddings, labels)
         with gml.full_precision(embeddings.device):
             x, proxies, norms, indices, values = self._subgraphs(embeddings, labels)
-            kept_classes = indices // self.proxies_per_class
+            kept_classes = self._kept_classes(indices)
             per_sample = gml.subgraph_loss(
                 self._kept_similarities(x, proxies, indices, values, norms),
                 kept_classes,
@@ -424,6 +424,10 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             norms = gml.proxy_norms(proxies)
         indices, values = self._select(x, proxies, labels, norms)
         return x, proxies, norms, indices, values
+
+    def _kept_classes(self, indices: torch.Tensor) -> torch.Tensor:
+        """The class of each kept proxy (its index itself with one proxy per class)."""
+        return indices if self.proxies_per_class == 1 else indices // self.proxies_per_class
 
     def _select(
         self,
@@ -620,7 +624,7 @@ class ProxyGMLLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         with gml.full_precision(embeddings.device):
             x, proxies, norms, indices, values = self._subgraphs(embeddings, None)
             kept = self._kept_similarities(x, proxies, indices, values, norms)
-            kept_classes = indices // self.proxies_per_class
+            kept_classes = self._kept_classes(indices)
             scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
             scores = scores.scatter_add(1, kept_classes, kept)
             selected = torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_classes, True)
