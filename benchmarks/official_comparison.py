@@ -39,7 +39,7 @@ from pml_proxygml import ProxyGMLLoss
 
 from .core import cli, report
 from .core.errors import BenchmarkError
-from .core.measure import time_steps
+from .core.measure import relative_difference, time_steps
 
 DIM = 512
 R = 0.05
@@ -98,10 +98,6 @@ def build_official(official: type, config: Config) -> torch.nn.Module:
     )
     with contextlib.redirect_stdout(io.StringIO()):
         return official(opt, dim=DIM)
-
-
-def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
 
 
 def tangent(grad: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

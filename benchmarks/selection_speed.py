@@ -41,7 +41,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,27 +52,7 @@ from pml_proxygml import functional as gml
 from .core import cli, report
 from .core.measure import load_average
 from .core.registry import TIMED_SELECTION_PRECISIONS
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    batch_size: int
-    classes: int
-    proxies_per_class: int
-    embedding_size: int
-    r: float = 0.05
-    top_k: int | None = None
-
-
-SHAPES = (
-    Shape("fixed cost: C=10 N=12 B=32", 32, 10, 12, 128, top_k=60),
-    Shape("SOP B=32", 32, 11318, 1, 512),
-    Shape("SOP B=256", 256, 11318, 1, 512),
-    Shape("emoji B=32", 32, 818, 12, 128, top_k=491),
-    Shape("C=1000 N=12 B=32", 32, 1000, 12, 128),
-)
-MILLION = Shape("1M classes B=256", 256, 1_000_000, 1, 512, top_k=1000)
+from .core.shapes import MILLION, SHAPES, Shape
 
 
 def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:

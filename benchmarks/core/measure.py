@@ -102,6 +102,11 @@ def time_steps(
     return times
 
 
+def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """|ours - theirs| / |theirs| (Frobenius norms): how far two codes' results lie apart."""
+    return float((ours - theirs).norm() / theirs.norm().clamp_min(1e-30))
+
+
 def median_seconds(
     step: Step,
     repeats: int,
