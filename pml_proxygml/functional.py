@@ -1151,8 +1151,8 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     row's largest unmasked logit, which is the same function (same value and gradient, the
     1e-8 included) without overflow. The mask enters as a 0/1 factor, never as a boolean
     selection: on CPU, elementwise ops that read or write booleans run several times slower
-    than float arithmetic. A row with an empty mask gives all-zero probabilities, as in the
-    official code.
+    than float arithmetic, so logits off the mask are ignored but must be finite. A row with
+    an empty mask gives all-zero probabilities, as in the official code.
     """
     kept = mask.to(logits.dtype)
     lowest = torch.finfo(logits.dtype).min
