@@ -8,8 +8,9 @@ Nothing here owns state (but a cache of measured timings, see ``_fastest_screeni
 touches PML: the loss class composes these functions, and every one of them runs
 unchanged on CPU and CUDA, without host synchronisation but for one read of counts in
 the certified selection (``select_kept``).
-Nothing of size (CN, C) or (CN, CN) is ever built: class logits are segment sums over
-the B * k kept entries, and the regulariser goes through per-class proxy sums.
+Nothing of size (CN, C) or (CN, CN) is ever built: class logits are a scatter of the B * k
+kept entries into (B, C) while that is small, segment sums over them beyond, and the
+regulariser goes through per-class proxy sums.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ DENSE_WEIGHTS_MAX_ELEMENTS = 1 << 19
 
 # Largest (B, C) matrix of class logits the sub-graph loss sums densely, as the official
 # code does (one scatter); larger problems take per-row segment sums over the kept entries.
+# On a 2-core CPU (k = 0.05 C N) the dense loss and slope took about half the segment sums'
+# time up to here, and as long at a million elements.
 DENSE_CLASS_LOGITS_MAX_ELEMENTS = 1 << 19
 
 # Elements of one (rows, C) logits block of the regulariser; larger problems are chunked.
