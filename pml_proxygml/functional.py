@@ -4,10 +4,10 @@ Notation (as in the paper and ``docs/method.md``): B samples, d embedding dims, 
 N proxies per class, CN = C * N proxies in total, k proxies kept per sample.
 Proxies are stored row-wise, ``(CN, d)``; row ``j`` belongs to class ``j // N``.
 
-Nothing here owns state (but a cache of measured timings, see ``_fastest_screening``) or
-touches PML: the loss class composes these functions, and every one of them runs
-unchanged on CPU and CUDA, without host synchronisation but for one read of counts in
-the certified selection (``select_kept``).
+Nothing here owns state (but caches of measured timings, see ``_fastest_screening`` and
+``_similarity_block``) or touches PML: the loss class composes these functions, and every
+one of them runs unchanged on CPU and CUDA, without host synchronisation but for one read
+of counts in the certified selection (``select_kept``).
 Nothing of size (CN, C) or (CN, CN) is ever built: class logits are a scatter of the B * k
 kept entries into (B, C) while that is small, segment sums over them beyond, and the
 regulariser goes through per-class proxy sums.
@@ -71,6 +71,10 @@ FP16_INPUT_EXPONENT = 7
 
 # Below this many multiply-adds (B * CN * d) "auto" screens in the compute dtype unmeasured.
 AUTO_MIN_MULTIPLY_ADDS = 1 << 27
+
+# Below this many multiply-adds (B * block * d) a CPU similarity block is X P^T unmeasured
+# (see ``_similarity_block``).
+ORIENTATION_MIN_MULTIPLY_ADDS = 1 << 26
 
 # Relative rounding of float32 GEMM inputs per matmul precision setting (see
 # ``_matmul_input_unit``), and the legacy setting's names for them.
@@ -236,6 +240,61 @@ def _positives(
     return inverse_norms, positives, values
 
 
+def _plain_product(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return embeddings @ rows.T
+
+
+def _transposed_product(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``embeddings @ rows.T`` as ``(rows @ embeddings.T)``, transposed into place."""
+    return (rows @ embeddings.T).T.contiguous()
+
+
+# Whether the transposed product is the one to take, per (device, dtype, B, block, d): see
+# ``_similarity_block``.
+_TRANSPOSED_PRODUCT: dict[tuple, bool] = {}
+
+
+def _similarity_block(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``embeddings @ rows.T``, a contiguous (B, block) block, by the faster GEMM here.
+
+    A BLAS picks its kernels by shape, and the product of the same two matrices can run at
+    very different speeds depending on which one it takes first: MKL on a 2-core Xeon took
+    2.6x as long for X P^T as for P X^T at B = 32, d = 512 (and about as long at d = 128).
+    So on CPU, from ``ORIENTATION_MIN_MULTIPLY_ADDS`` on, the first block of each shape is
+    taken both ways (``_transposed_is_faster``) and the faster is kept for that shape; the
+    transposed one only where the two agree bit for bit, so the choice never changes a
+    similarity, nor a kept set.
+    """
+    work = embeddings.shape[0] * rows.shape[0] * embeddings.shape[1]
+    if (
+        embeddings.device.type != "cpu"
+        or work < ORIENTATION_MIN_MULTIPLY_ADDS
+        or torch.compiler.is_compiling()
+    ):
+        return _plain_product(embeddings, rows)
+    key = (embeddings.device, embeddings.dtype, *embeddings.shape, len(rows))
+    if key not in _TRANSPOSED_PRODUCT:
+        _TRANSPOSED_PRODUCT[key] = _transposed_is_faster(embeddings, rows)
+    if _TRANSPOSED_PRODUCT[key]:
+        return _transposed_product(embeddings, rows)
+    return _plain_product(embeddings, rows)
+
+
+def _transposed_is_faster(embeddings: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether ``_transposed_product`` gives ``_plain_product``'s bits, faster (best of two
+    runs each). A GEMM's order of summation does not depend on the data, so one comparison
+    tells whether the two kernels round alike."""
+    seconds, results = {}, {}
+    for product in (_plain_product, _transposed_product):
+        for _ in range(2):
+            start = time.perf_counter()
+            results[product] = product(embeddings, rows)
+            elapsed = time.perf_counter() - start
+            seconds[product] = min(seconds.get(product, elapsed), elapsed)
+    same_bits = torch.equal(results[_plain_product], results[_transposed_product])
+    return same_bits and seconds[_transposed_product] < seconds[_plain_product]
+
+
 @torch.no_grad()
 def select_topk(
     embeddings: torch.Tensor,
@@ -254,7 +313,9 @@ def select_topk(
     positives are kept (and no negatives at all). With ``labels=None`` it is a plain top-k.
 
     S is streamed over blocks of proxies with a running top-k, so the extra memory is
-    O(B * (k + block)) whatever CN; the proxies are never copied in normalised form.
+    O(B * (k + block)) whatever CN; the proxies are never copied in normalised form. Each
+    block is one GEMM in whichever orientation is faster here, with the same bits
+    (``_similarity_block``).
     No gradient flows through it (see ``kept_similarities``).
 
     Args:
@@ -284,7 +345,7 @@ def select_topk(
     best_values = best_indices = None
     for start in range(0, num_proxies, rows):
         stop = min(start + rows, num_proxies)
-        block = embeddings @ proxies[start:stop].T
+        block = _similarity_block(embeddings, proxies[start:stop])
         block *= inverse_norms[start:stop]
         _exclude_columns(block, kept_positives - start)
         if best_values is None:  # the first block holds at least num_negatives columns
@@ -449,7 +510,7 @@ def _screen(
             with _float32_accumulation(screening.device):
                 scores = (screening @ rounded.T).float()
         else:
-            scores = screening @ proxies[start:stop].T
+            scores = _similarity_block(screening, proxies[start:stop])
             scores *= proxy_scales[start:stop]
         _exclude_columns(scores, excluded - start)
         if best_scores is None:  # the first block holds at least ``width`` columns

@@ -1,6 +1,7 @@
 """Each pure function, and the whole loss, against the dense float64 reference."""
 
 import math
+import time
 from unittest import mock
 
 import pytest
@@ -370,6 +371,72 @@ def test_streamed_selection_equals_one_shot(labelled):
         torch.testing.assert_close(
             values.gather(1, indices_order), expected_values.gather(1, order)
         )
+
+
+@pytest.fixture
+def orientation_measured_from_any_size(monkeypatch):
+    """Every CPU similarity block measured for its orientation, from an empty record."""
+    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 0)
+    monkeypatch.setattr(gml, "_TRANSPOSED_PRODUCT", {})
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.usefixtures("orientation_measured_from_any_size")
+def test_selection_is_the_same_in_either_gemm_orientation(monkeypatch, transposed):
+    """The block itself (contiguous, bit for bit X P^T), and the selection built on it."""
+    monkeypatch.setattr(gml, "_transposed_is_faster", lambda *_: transposed)
+    generator = torch.Generator().manual_seed(8)
+    embeddings = F.normalize(torch.randn(9, 12, generator=generator), dim=1)
+    proxies = torch.randn(40 * 3, 12, generator=generator)
+    block = gml._similarity_block(embeddings, proxies)
+    assert block.is_contiguous() and torch.equal(block, embeddings @ proxies.T)
+    labels = torch.randint(0, 40, (9,), generator=generator)
+    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 1 << 62)  # the reference
+    expected = gml.select_topk(embeddings, proxies, labels, 3, 20, 9 * 4 * 50)
+    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 0)
+    for found, wanted in zip(
+        gml.select_topk(embeddings, proxies, labels, 3, 20, 9 * 4 * 50), expected
+    ):
+        assert torch.equal(found, wanted)
+
+
+@pytest.mark.usefixtures("orientation_measured_from_any_size")
+def test_the_gemm_orientation_is_measured_once_per_shape_and_only_large_ones(monkeypatch):
+    measured = mock.patch.object(gml, "_transposed_is_faster", wraps=gml._transposed_is_faster)
+    embeddings, proxies = torch.randn(8, 16), torch.randn(60, 16)
+    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 8 * 50 * 16)
+    with measured as calls:
+        for rows in (50, 50, 60, 60, 49):  # 49 rows: below the threshold
+            gml._similarity_block(embeddings, proxies[:rows])
+        assert calls.call_count == 2
+        gml._similarity_block(embeddings.double(), proxies[:50].double())
+        assert calls.call_count == 3
+        with torch.device("meta"):
+            gml._similarity_block(torch.empty(8, 16), torch.empty(50, 16))
+        assert calls.call_count == 3
+
+
+@pytest.mark.parametrize("same_bits", [True, False])
+def test_the_transposed_product_is_taken_only_faster_and_with_the_same_bits(monkeypatch, same_bits):
+    """The plain product slowed down, the transposed one perturbed by an ulp or not."""
+    plain, transposed = gml._plain_product, gml._transposed_product
+
+    def slow_plain(embeddings, rows):
+        time.sleep(0.005)
+        return plain(embeddings, rows)
+
+    def perturbed(embeddings, rows):
+        block = transposed(embeddings, rows)
+        return block if same_bits else torch.nextafter(block, torch.tensor(math.inf))
+
+    monkeypatch.setattr(gml, "_plain_product", slow_plain)
+    monkeypatch.setattr(gml, "_transposed_product", perturbed)
+    embeddings, proxies = torch.randn(8, 16), torch.randn(50, 16)
+    agree = torch.equal(plain(embeddings, proxies), transposed(embeddings, proxies))
+    assert gml._transposed_is_faster(embeddings, proxies) == (same_bits and agree)
+    monkeypatch.setattr(gml, "_plain_product", plain)
+    monkeypatch.setattr(gml, "_transposed_product", lambda *args: slow_plain(*args))
+    assert not gml._transposed_is_faster(embeddings, proxies)  # same bits, slower
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
