@@ -73,8 +73,11 @@ FP16_INPUT_EXPONENT = 7
 AUTO_MIN_MULTIPLY_ADDS = 1 << 27
 
 # Below this many multiply-adds (B * block * d) a CPU similarity block is X P^T unmeasured
-# (see ``_similarity_block``).
+# (see ``_similarity_block``); the other orientation runs over slices of this many proxies,
+# so that it needs one (B, block) block and a small slice, not two blocks (as fast as whole
+# blocks at the SOP shape with B = 32).
 ORIENTATION_MIN_MULTIPLY_ADDS = 1 << 26
+TRANSPOSED_PRODUCT_ROWS = 2048
 
 # Relative rounding of float32 GEMM inputs per matmul precision setting (see
 # ``_matmul_input_unit``), and the legacy setting's names for them.
@@ -245,8 +248,13 @@ def _plain_product(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
 
 
 def _transposed_product(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``embeddings @ rows.T`` as ``(rows @ embeddings.T)``, transposed into place."""
-    return (rows @ embeddings.T).T.contiguous()
+    """``embeddings @ rows.T`` as ``rows @ embeddings.T`` transposed into place, in slices of
+    ``TRANSPOSED_PRODUCT_ROWS`` rows: the block's memory and a small slice, not two blocks."""
+    block = embeddings.new_empty(len(embeddings), len(rows))
+    for start in range(0, len(rows), TRANSPOSED_PRODUCT_ROWS):
+        stop = start + TRANSPOSED_PRODUCT_ROWS
+        block[:, start:stop].copy_((rows[start:stop] @ embeddings.T).T)
+    return block
 
 
 # Whether the transposed product is the one to take, per (device, dtype, B, block, d): see

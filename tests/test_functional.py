@@ -380,24 +380,44 @@ def orientation_measured_from_any_size(monkeypatch):
     monkeypatch.setattr(gml, "_TRANSPOSED_PRODUCT", {})
 
 
-@pytest.mark.parametrize("transposed", [False, True])
+def slowed(product):
+    """``product`` made slower than any other: the measurement prefers the other one."""
+
+    def slow(embeddings, rows):
+        time.sleep(0.005)
+        return product(embeddings, rows)
+
+    return slow
+
+
+@pytest.mark.parametrize("slice_rows", [7, 2048])
 @pytest.mark.usefixtures("orientation_measured_from_any_size")
-def test_selection_is_the_same_in_either_gemm_orientation(monkeypatch, transposed):
-    """The block itself (contiguous, bit for bit X P^T), and the selection built on it."""
-    monkeypatch.setattr(gml, "_transposed_is_faster", lambda *_: transposed)
+def test_the_selection_never_depends_on_the_gemm_orientation(monkeypatch, slice_rows):
+    """The transposed product preferred by its timing, in slices of 7 proxies (whose GEMMs
+    may round otherwise than one over the whole block: then it must be refused) or of 2048
+    (one slice): the blocks and the selection are bit for bit the plain product's."""
+    monkeypatch.setattr(gml, "_plain_product", slowed(gml._plain_product))
+    monkeypatch.setattr(gml, "TRANSPOSED_PRODUCT_ROWS", slice_rows)
     generator = torch.Generator().manual_seed(8)
     embeddings = F.normalize(torch.randn(9, 12, generator=generator), dim=1)
     proxies = torch.randn(40 * 3, 12, generator=generator)
     block = gml._similarity_block(embeddings, proxies)
     assert block.is_contiguous() and torch.equal(block, embeddings @ proxies.T)
     labels = torch.randint(0, 40, (9,), generator=generator)
-    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 1 << 62)  # the reference
-    expected = gml.select_topk(embeddings, proxies, labels, 3, 20, 9 * 4 * 50)
-    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 0)
-    for found, wanted in zip(
-        gml.select_topk(embeddings, proxies, labels, 3, 20, 9 * 4 * 50), expected
-    ):
-        assert torch.equal(found, wanted)
+    found = gml.select_topk(embeddings, proxies, labels, 3, 20, 9 * 4 * 50)
+    monkeypatch.setattr(gml, "ORIENTATION_MIN_MULTIPLY_ADDS", 1 << 62)  # never measured
+    for ours, plain in zip(found, gml.select_topk(embeddings, proxies, labels, 3, 20, 9 * 4 * 50)):
+        assert torch.equal(ours, plain)
+
+
+def test_the_transposed_product_assembles_its_slices():
+    generator = torch.Generator().manual_seed(4)
+    embeddings = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    proxies = torch.randn(30, 6, generator=generator, dtype=torch.float64)
+    with mock.patch.object(gml, "TRANSPOSED_PRODUCT_ROWS", 7):  # 4 slices, the last of 2
+        block = gml._transposed_product(embeddings, proxies)
+    assert block.is_contiguous()
+    torch.testing.assert_close(block, embeddings @ proxies.T, rtol=1e-14, atol=0)
 
 
 @pytest.mark.usefixtures("orientation_measured_from_any_size")
@@ -421,22 +441,18 @@ def test_the_transposed_product_is_taken_only_faster_and_with_the_same_bits(monk
     """The plain product slowed down, the transposed one perturbed by an ulp or not."""
     plain, transposed = gml._plain_product, gml._transposed_product
 
-    def slow_plain(embeddings, rows):
-        time.sleep(0.005)
-        return plain(embeddings, rows)
-
     def perturbed(embeddings, rows):
         block = transposed(embeddings, rows)
         return block if same_bits else torch.nextafter(block, torch.tensor(math.inf))
 
-    monkeypatch.setattr(gml, "_plain_product", slow_plain)
+    monkeypatch.setattr(gml, "_plain_product", slowed(plain))
     monkeypatch.setattr(gml, "_transposed_product", perturbed)
     embeddings, proxies = torch.randn(8, 16), torch.randn(50, 16)
     agree = torch.equal(plain(embeddings, proxies), transposed(embeddings, proxies))
     assert gml._transposed_is_faster(embeddings, proxies) == (same_bits and agree)
     monkeypatch.setattr(gml, "_plain_product", plain)
-    monkeypatch.setattr(gml, "_transposed_product", lambda *args: slow_plain(*args))
-    assert not gml._transposed_is_faster(embeddings, proxies)  # same bits, slower
+    monkeypatch.setattr(gml, "_transposed_product", slowed(plain))
+    assert not gml._transposed_is_faster(embeddings, proxies)  # the same bits, slower
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
