@@ -144,10 +144,10 @@ def _partition_pool(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_partition_pool.cache_clear)
 
 
-def _has_numpy_view(tensor: torch.Tensor) -> bool:
-    """Whether the numpy fast paths apply: a CPU tensor outside ``torch.compile`` with
-    storage of its own (``torch.func`` transforms wrap their inputs in tensors that have
-    none, hence no numpy view)."""
+def _is_plain_cpu_tensor(tensor: torch.Tensor) -> bool:
+    """A CPU tensor outside ``torch.compile`` with storage of its own (``torch.func``
+    transforms wrap their inputs in tensors that have none, hence no numpy view): where
+    the numpy fast paths apply and a product may be timed."""
     return (
         tensor.device.type == "cpu"
         and not torch.compiler.is_compiling()
@@ -161,11 +161,11 @@ def _largest(block: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tenso
     ``torch.topk``, except on CPU outside ``torch.compile``, where numpy's argpartition (a
     SIMD introselect) is several times faster (``python -m benchmarks.scale_checks
     topk``); it releases the GIL, so chunks of rows of a large block run on torch's
-    intra-op thread count. Tensors with no numpy view (``_has_numpy_view``) take
+    intra-op thread count. Other tensors (``_is_plain_cpu_tensor``) take
     ``torch.topk`` too.
     """
     width = block.shape[1]
-    if count >= width or not _has_numpy_view(block):
+    if count >= width or not _is_plain_cpu_tensor(block):
         return block.topk(count, dim=1, sorted=False)
     array, kth = block.numpy(), width - count
     columns = np.empty((len(block), count), dtype=np.int64)
@@ -274,11 +274,7 @@ def _similarity_block(embeddings: torch.Tensor, rows: torch.Tensor) -> torch.Ten
     similarity, nor a kept set.
     """
     work = embeddings.shape[0] * rows.shape[0] * embeddings.shape[1]
-    if (
-        embeddings.device.type != "cpu"
-        or work < ORIENTATION_MIN_MULTIPLY_ADDS
-        or torch.compiler.is_compiling()
-    ):
+    if work < ORIENTATION_MIN_MULTIPLY_ADDS or not _is_plain_cpu_tensor(embeddings):
         return _plain_product(embeddings, rows)
     key = (embeddings.device, embeddings.dtype, *embeddings.shape, len(rows))
     if key not in _TRANSPOSED_PRODUCT:
@@ -534,12 +530,12 @@ def _screen(
 def _stable_argsort(keys: torch.Tensor) -> torch.Tensor:
     """Stable argsort of integer ``keys`` along their last dimension.
 
-    Where numpy applies (``_has_numpy_view``), for non-negative keys: a
+    Where numpy applies (``_is_plain_cpu_tensor``), for non-negative keys: a
     least-significant-digit radix sort over 16-bit digits, each pass numpy's stable
     argsort (a radix sort itself for 16-bit keys); for the B * k kept proxy and class
     indices this is several times faster than ``torch.sort`` on CPU.
     """
-    if keys.numel() == 0 or not _has_numpy_view(keys):
+    if keys.numel() == 0 or not _is_plain_cpu_tensor(keys):
         return keys.argsort(dim=-1, stable=True)
     array = keys.numpy()
     if array.min() < 0:
@@ -604,11 +600,11 @@ def _largest_two(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     """(B, 1) each: the ``rank``-th and (``rank`` + 1)-th largest value of each row (-inf
     when the row has only ``rank`` values).
 
-    numpy's partition (a SIMD introselect) where it applies (``_has_numpy_view``): several
-    times faster there than ``torch.kthvalue``.
+    numpy's partition (a SIMD introselect) where it applies (``_is_plain_cpu_tensor``):
+    several times faster there than ``torch.kthvalue``.
     """
     below = values.shape[1] - rank  # entries ranked after the rank-th
-    if _has_numpy_view(values):
+    if _is_plain_cpu_tensor(values):
         partitioned = torch.from_numpy(np.partition(values.numpy(), below, axis=1))
         kth, after = partitioned[:, below, None], partitioned[:, :below]
         after = after.amax(dim=1, keepdim=True) if below else torch.full_like(kth, -math.inf)
