@@ -1236,7 +1236,12 @@ def classification_loss(probabilities: torch.Tensor, is_target: torch.Tensor) ->
 
     ``is_target`` marks each row's target class, boolean or 0/1 in the probabilities' dtype.
     """
-    return -torch.log(_target_probability(probabilities, is_target) + LOG_EPS).squeeze(1)
+    return _loss_of_target(_target_probability(probabilities, is_target))
+
+
+def _loss_of_target(target: torch.Tensor) -> torch.Tensor:
+    """(B,) ``-log(P_y + 1e-20)`` from the (B, 1) target probabilities."""
+    return -torch.log(target + LOG_EPS).squeeze(1)
 
 
 def _target_probability(probabilities: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
@@ -1291,8 +1296,7 @@ def _subgraph_loss_and_slope(
     probabilities = masked_softmax(logits, logits != 0)
     target = _target_probability(probabilities, is_target)
     slope = (probabilities - is_target) * (target / (target + LOG_EPS))
-    per_sample = classification_loss(probabilities, is_target)
-    return per_sample, slope if slot is None else slope.gather(1, slot)
+    return _loss_of_target(target), slope if slot is None else slope.gather(1, slot)
 
 
 class _SubgraphLoss(torch.autograd.Function):
@@ -1328,9 +1332,9 @@ class _SubgraphLoss(torch.autograd.Function):
     def backward(ctx, grad, _grad_slope):
         kept_similarities, kept_classes, labels, slope = ctx.saved_tensors
         if torch.is_grad_enabled() and kept_similarities.requires_grad:
-            slope = _subgraph_loss_and_slope(kept_similarities, kept_classes, labels, *ctx.layout)[
-                1
-            ]
+            _, slope = _subgraph_loss_and_slope(
+                kept_similarities, kept_classes, labels, *ctx.layout
+            )
         return grad.unsqueeze(1) * slope, None, None, None, None
 
 
