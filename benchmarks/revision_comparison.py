@@ -54,23 +54,22 @@ CASES = (
 )
 
 
-def _git(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(report.REPO_ROOT), *args], capture_output=True)
-
-
 def resolve(revision: str) -> tuple[str, str]:
     """``(commit, subject)`` of ``revision``."""
-    found = _git("log", "-1", "--format=%H %s", f"{revision}^{{commit}}", "--")
-    if found.returncode != 0:
+    found = report.git_output("log", "-1", "--format=%H %s", f"{revision}^{{commit}}", "--")
+    if not found:
         raise BenchmarkError(f"--base {revision}: not a commit of this repository")
-    commit, _, subject = found.stdout.decode().strip().partition(" ")
+    commit, _, subject = found.partition(" ")
     return commit, subject
 
 
 def load_revision(commit: str, folder: Path) -> type:
     """The ``ProxyGMLLoss`` class of ``pml_proxygml`` at ``commit``, imported from ``folder``
     as its own package (every mention of the package's name renamed), beside this one."""
-    archive = _git("archive", "--format=tar", commit, PACKAGE)
+    archive = subprocess.run(
+        ["git", "-C", str(report.REPO_ROOT), "archive", "--format=tar", commit, PACKAGE],
+        capture_output=True,
+    )
     if archive.returncode != 0:
         raise BenchmarkError(f"git archive {commit} {PACKAGE}: {archive.stderr.decode().strip()}")
     # The archive is this repository's own; "data" where tarfile has extraction filters.

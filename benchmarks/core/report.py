@@ -59,7 +59,8 @@ def command_line(module: str, argv: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- environment
 
 
-def _git(*args: str) -> str | None:
+def git_output(*args: str) -> str | None:
+    """The stripped output of ``git args`` in this repository, or None where git fails."""
     try:
         done = subprocess.run(
             ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10
@@ -71,8 +72,8 @@ def _git(*args: str) -> str | None:
 
 def _git_state() -> tuple[str | None, bool | None]:
     """HEAD, and whether tracked files differ from it (then the commit does not pin the code)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
+    status = git_output("status", "--porcelain", "--untracked-files=no")
+    return git_output("rev-parse", "HEAD"), None if status is None else bool(status)
 
 
 # Taken when the benchmarks are imported, i.e. with the code this process runs: a long run
