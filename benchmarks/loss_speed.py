@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pml_proxygml import ProxyGMLLoss
@@ -275,8 +274,7 @@ def _build_step(
         proxies = torch.randn(m.num_proxies, m.embedding_size, generator=generator).to(device)
 
         def floor_step() -> None:
-            with torch.no_grad():
-                F.normalize(embeddings) @ F.normalize(proxies).T
+            measure.product_floor(embeddings, proxies)
 
         return floor_step, [], None
     labels = torch.randint(m.classes, (m.batch_size,), generator=generator).to(device)

@@ -41,7 +41,13 @@ from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
 from .core import cli, report
-from .core.measure import PeakMemory, allocation_peak_mib, median_seconds, time_steps
+from .core.measure import (
+    PeakMemory,
+    allocation_peak_mib,
+    median_seconds,
+    product_floor,
+    time_steps,
+)
 from .core.registry import TIMED_SELECTION_PRECISIONS
 
 MIB = 2**20
@@ -289,8 +295,7 @@ def _target_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
     proxyanchor = losses.ProxyAnchorLoss(SOP_CLASSES, 512)
 
     def floor() -> None:
-        with torch.no_grad():
-            F.normalize(x) @ F.normalize(proxies).T
+        product_floor(x, proxies)
 
     def loss_step(loss: torch.nn.Module) -> Callable[[], None]:
         def step() -> None:

@@ -13,6 +13,11 @@ round, ``--warmup`` rounds discarded), medians over ``--repeats`` rounds:
   normalised embeddings and the raw proxies (what the loss calls).
 * ``select <p>``: ``functional.select_kept`` in screening precision p, likewise, with the
   rows it could not certify and, for ``auto``, what it chose (measured on its first call).
+* ``select + kept backward``: the default step's selection and its kept similarities'
+  backward (``functional.kept_similarities`` given a fixed upstream gradient), with the
+  proxies' norms taken once as the loss does: every large kernel of the step, without
+  the loss's own math, autograd's bookkeeping of it, PML's reducers and input checks.
+  The step minus this is what those cost.
 * ``step <p>``: ``ProxyGMLLoss(..., weight_lambda=0, selection_precision=p)`` forward and
   backward (``fp32``: the default, ``select_topk``; the others ``select_kept``),
   embeddings and proxies requiring grad, their gradients set to None before each step as
@@ -50,7 +55,7 @@ from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
 from .core import cli, report
-from .core.measure import load_average
+from .core.measure import load_average, product_floor
 from .core.registry import TIMED_SELECTION_PRECISIONS
 from .core.shapes import MILLION, SHAPES, Shape
 
@@ -66,8 +71,7 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
     normalised = F.normalize(embeddings, dim=1)
 
     def floor() -> None:
-        with torch.no_grad():
-            F.normalize(embeddings) @ F.normalize(proxies).T
+        product_floor(embeddings, proxies)
 
     unit_proxies = F.normalize(proxies)
     block_rows = gml.selection_block_rows(
@@ -89,6 +93,22 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
         variants[f"select {precision}"] = lambda p=precision: gml.select_kept(
             normalised, proxies, labels, shape.proxies_per_class, k, precision=p
         )
+    leaf_embeddings = normalised.clone().requires_grad_()
+    leaf_proxies = proxies.clone().requires_grad_()
+    upstream = torch.randn(shape.batch_size, k, generator=generator)
+
+    def selection_and_kept_backward() -> None:
+        leaf_embeddings.grad = leaf_proxies.grad = None
+        with torch.no_grad():
+            norms = gml.proxy_norms(leaf_proxies)
+        indices, values = gml.select_topk(
+            leaf_embeddings, leaf_proxies, labels, shape.proxies_per_class, k, norms=norms
+        )
+        gml.kept_similarities(leaf_embeddings, leaf_proxies, indices, values, norms=norms).backward(
+            upstream
+        )
+
+    variants["select + kept backward"] = selection_and_kept_backward
     embeddings.requires_grad_()
     with warnings.catch_warnings():  # costly-setting warnings: measured on purpose
         warnings.simplefilter("ignore")

@@ -11,6 +11,7 @@
   where the kernel refuses, it counts from the process start and ``reset`` is False).
 * :func:`allocation_peak_mib`: the tensor memory one CPU step allocates at its worst moment,
   from the torch profiler's record of every allocation (not the process's resident set).
+* :func:`product_floor`: the reference every speed ratio divides by.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
 Step = Callable[[], Any]
 MIB = 2**20
+
+
+def product_floor(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    """The forward-only ``F.normalize(X) @ F.normalize(P).T`` of a shape: the least any
+    proxy loss pays there (its backward and what it does with the product come on top)."""
+    with torch.no_grad():
+        return F.normalize(embeddings) @ F.normalize(proxies).T
 
 
 def proc_field(path: str, key: str) -> str | None:

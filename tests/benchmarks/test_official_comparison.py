@@ -8,6 +8,7 @@ dense float64 reference, so the comparison must find the same values and gradien
 import json
 
 import pytest
+import torch
 
 from benchmarks import official_comparison
 from benchmarks.core.errors import BenchmarkError
@@ -53,6 +54,25 @@ def test_the_comparison_finds_the_same_loss_and_gradients(stand_in, weight_lambd
     assert row["rel. diff grad proxies"] < 1e-5
     assert row["speed-up"] == pytest.approx(row["official ms"] / row["ours ms"])
     assert row["met"] == (row["speed-up"] >= 1.0)
+    assert row["target ms"] == pytest.approx(row["official ms"] / config.target_speedup)
+    assert row["target x floor"] == pytest.approx(row["target ms"] / row["floor ms"])
+    assert row["ours x floor"] == pytest.approx(row["ours ms"] / row["floor ms"])
+
+
+@pytest.mark.parametrize("weight_lambda", [0.0, 0.3])
+def test_the_floor_is_the_forward_products_of_the_configuration(weight_lambda):
+    config = official_comparison.Config("tiny", 7, 3, 5, weight_lambda, 1.0)
+    embeddings, proxies = torch.randn(5, 16, dtype=torch.float64), torch.randn(21, 16)
+    products = official_comparison.floor_step(config, embeddings.float(), proxies)
+    units = proxies.double() / proxies.double().norm(dim=1, keepdim=True)
+    expected = [embeddings / embeddings.norm(dim=1, keepdim=True) @ units.T]
+    if weight_lambda:
+        class_of_proxy = torch.arange(21) // 3
+        one_hot = torch.nn.functional.one_hot(class_of_proxy, 7).double()
+        expected.append(units @ (one_hot.T @ units).T)  # each proxy against each class sum
+    assert len(products) == len(expected)
+    for product, reference in zip(products, expected):
+        torch.testing.assert_close(product.double(), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_the_seed_fixes_the_official_proxies_and_the_batch(stand_in):

@@ -16,6 +16,7 @@ def test_a_tiny_shape_gives_one_row_per_variant():
         "streamed product",
         "select topk",
         *(f"select {p}" for p in ("fp32", "bf16", "fp16", "auto")),
+        "select + kept backward",
         *(f"step {p}" for p in ("fp32", "bf16", "fp16", "auto")),
     ]
     assert all(row["ms"] > 0 for row in rows) and rows[0]["x floor"] == 1
@@ -36,5 +37,5 @@ def test_main_writes_the_results(tmp_path, monkeypatch):
     monkeypatch.setattr(selection_speed, "SHAPES", (selection_speed.Shape("tiny", 4, 30, 2, 8),))
     selection_speed.main(["--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "selection_speed.json").read_text())
-    assert len(results["rows"]) == 11 and "load_average_at_end" in results["environment"]
+    assert len(results["rows"]) == 12 and "load_average_at_end" in results["environment"]
     assert "Compare ratios within one run only" in (tmp_path / "selection_speed.md").read_text()
