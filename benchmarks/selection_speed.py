@@ -25,6 +25,13 @@ round, ``--warmup`` rounds discarded), medians over ``--repeats`` rounds:
 * ``step fp32 compiled`` (with ``--compile``): the ``fp32`` step through
   ``torch.compile(loss)`` (inductor; its compilation falls in the warm-up rounds): what
   fusing the elementwise work around the selection's numpy partition gains.
+* ``step ProxyAnchor`` (with ``--proxyanchor``): PML's ``ProxyAnchorLoss(C, d)`` forward and
+  backward on the same embeddings, beside.
+
+On CUDA (``--device cuda``) every timed call is bracketed by a device synchronisation, and
+each ``step`` row also gives the synchronising CUDA calls of one more step with
+``check_inputs=False`` (``torch.cuda.set_sync_debug_mode("warn")``, counted): the loss
+promises none in the fp32 selection.
 
 Shapes: C=10, N=12, d=128, B=32, k=60 (every product tiny, so the step's time is its
 fixed cost: dispatch of its operations, Python, PML's reducers); SOP (C=11,318, N=1, d=512,
@@ -34,8 +41,9 @@ also 1,000,000 classes, N=1, d=512, B=256, top_k=1000 (2 GB of proxies, about 10
 round on 2 cores). The ``select_kept`` screenings return the same (canonical) kept sets;
 ``select_topk``'s differ from them only in near-ties below the fp32 GEMM's rounding.
 
-Run ``python -m benchmarks.selection_speed [--million]``; results go to ``--out`` (default
-``runs/selection_speed/``) as ``selection_speed[_million].{json,md}``.
+Run ``python -m benchmarks.selection_speed [--million] [--device cuda] [--proxyanchor]``;
+results go to ``--out`` (default ``runs/selection_speed/``) as
+``selection_speed[_million][_cuda].{json,md}``.
 """
 
 from __future__ import annotations
@@ -50,23 +58,28 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses
 
 from pml_proxygml import ProxyGMLLoss
 from pml_proxygml import functional as gml
 
 from .core import cli, report
-from .core.measure import load_average, product_floor
+from .core.measure import host_syncs, load_average, product_floor, synchronizer
 from .core.registry import TIMED_SELECTION_PRECISIONS
 from .core.shapes import MILLION, SHAPES, Shape
 
 
-def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
-    """name -> a callable timing one run; ``select`` ones return their Selection."""
+def _variants(
+    shape: Shape, compiled: bool, device: str = "cpu", proxyanchor: bool = False
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], int | None]]]:
+    """``(variants, host_syncs)``: name -> a callable timing one run (``select`` ones return
+    their Selection), and per ProxyGML step, a callable counting one step's host syncs."""
     generator = torch.Generator().manual_seed(0)
     num_proxies = shape.classes * shape.proxies_per_class
     embeddings = torch.randn(shape.batch_size, shape.embedding_size, generator=generator)
     labels = torch.randint(0, shape.classes, (shape.batch_size,), generator=generator)
     proxies = torch.randn(num_proxies, shape.embedding_size, generator=generator)
+    embeddings, labels, proxies = embeddings.to(device), labels.to(device), proxies.to(device)
     k = gml.num_selected(shape.r, shape.classes, shape.proxies_per_class, shape.top_k)
     normalised = F.normalize(embeddings, dim=1)
 
@@ -95,7 +108,7 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
         )
     leaf_embeddings = normalised.clone().requires_grad_()
     leaf_proxies = proxies.clone().requires_grad_()
-    upstream = torch.randn(shape.batch_size, k, generator=generator)
+    upstream = torch.randn(shape.batch_size, k, generator=generator).to(device)
 
     def selection_and_kept_backward() -> None:
         leaf_embeddings.grad = leaf_proxies.grad = None
@@ -120,6 +133,7 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
             top_k=shape.top_k,
             weight_lambda=0.0,
         )
+    loss.to(device)
     with torch.no_grad():
         loss.proxies.copy_(proxies)
 
@@ -128,23 +142,50 @@ def _variants(shape: Shape, compiled: bool) -> dict[str, Callable[[], Any]]:
         embeddings.grad = loss.proxies.grad = None
         module(embeddings, labels).backward()
 
+    def unchecked_step_syncs(precision: str) -> int | None:
+        loss.check_inputs = False
+        try:
+            return host_syncs(lambda: step(precision), device)
+        finally:
+            loss.check_inputs = True
+
+    host_syncs_of = {}
     for precision in TIMED_SELECTION_PRECISIONS:
         variants[f"step {precision}"] = lambda p=precision: step(p)
+        host_syncs_of[f"step {precision}"] = lambda p=precision: unchecked_step_syncs(p)
     if compiled:
         compiled_loss = torch.compile(loss)
         variants["step fp32 compiled"] = lambda: step("fp32", compiled_loss)
-    return variants
+    if proxyanchor:
+        anchor = losses.ProxyAnchorLoss(shape.classes, shape.embedding_size).to(device)
+
+        def anchor_step() -> None:
+            embeddings.grad = anchor.proxies.grad = None
+            anchor(embeddings, labels).backward()
+
+        variants["step ProxyAnchor"] = anchor_step
+    return variants, host_syncs_of
 
 
-def measure(shape: Shape, repeats: int, warmup: int, compiled: bool) -> list[dict[str, Any]]:
-    variants = _variants(shape, compiled)
+def measure(
+    shape: Shape,
+    repeats: int,
+    warmup: int,
+    compiled: bool,
+    device: str = "cpu",
+    proxyanchor: bool = False,
+) -> list[dict[str, Any]]:
+    variants, host_syncs_of = _variants(shape, compiled, device, proxyanchor)
+    synchronize = synchronizer(device)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     fallbacks: dict[str, int] = {}
     screened_in: dict[str, str] = {}
     for round_ in range(warmup + repeats):
         for name, run in variants.items():
+            synchronize()
             start = time.perf_counter()
             result = run()
+            synchronize()
             elapsed = time.perf_counter() - start
             if round_ >= warmup:
                 seconds[name].append(elapsed)
@@ -152,6 +193,7 @@ def measure(shape: Shape, repeats: int, warmup: int, compiled: bool) -> list[dic
                 fallbacks[name] = fallbacks.get(name, 0) + int(result.fallback_rows)
                 screened_in[name] = str(result.screening).removeprefix("torch.")
     median = {name: statistics.median(times) for name, times in seconds.items()}
+    syncs = {name: count() for name, count in host_syncs_of.items()}
     return [
         {
             "shape": shape.name,
@@ -160,6 +202,7 @@ def measure(shape: Shape, repeats: int, warmup: int, compiled: bool) -> list[dic
             "x floor": median[name] / median["floor"],
             "fallback rows": fallbacks.get(name),
             "screened in": screened_in.get(name),
+            "host syncs": syncs.get(name),
         }
         for name in variants
     ]
@@ -172,13 +215,14 @@ COLUMNS = {
     "x floor": "x floor",
     "fallback rows": "uncertified rows (all rounds)",
     "screened in": "screened in",
+    "host syncs": "CUDA host syncs, one step, check_inputs=False",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(argv if argv is not None else sys.argv[1:])
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], parents=[cli.common_flags("out")]
+        description=__doc__.splitlines()[0], parents=[cli.common_flags("out", "device")]
     )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
@@ -187,15 +231,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="add the fp32 step through torch.compile"
     )
+    parser.add_argument(
+        "--proxyanchor", action="store_true", help="add PML's ProxyAnchorLoss step beside"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     command = report.command_line("benchmarks.selection_speed", argv)
-    environment = report.capture_environment("cpu", command)
+    environment = report.capture_environment(args.device, command)
     environment["torch_threads"] = torch.get_num_threads()
     shapes = (MILLION,) if args.million else SHAPES
     rows = [
-        row for shape in shapes for row in measure(shape, args.repeats, args.warmup, args.compile)
+        row
+        for shape in shapes
+        for row in measure(
+            shape, args.repeats, args.warmup, args.compile, args.device, args.proxyanchor
+        )
     ]
     environment["load_average_at_end"] = load_average()
     out = report.output_folder(args.out, "selection_speed")
@@ -204,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "\n\nWall-clock times: other processes on the machine (see the load averages below)"
         " slow every variant, unevenly. Compare ratios within one run only.\n"
     )
-    stem = "selection_speed_million" if args.million else "selection_speed"
+    device_type = torch.device(args.device).type
+    stem = "selection_speed" + ("_million" if args.million else "")
+    stem += "" if device_type == "cpu" else f"_{device_type}"
     report.write_results(
         out, stem, rows, environment, title="selection speed", columns=COLUMNS, notes=notes
     )

@@ -12,6 +12,7 @@
 * :func:`allocation_peak_mib`: the tensor memory one CPU step allocates at its worst moment,
   from the torch profiler's record of every allocation (not the process's resident set).
 * :func:`product_floor`: the reference every speed ratio divides by.
+* :func:`host_syncs`: the synchronising CUDA calls of one step, as CUDA itself reports them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -84,6 +86,28 @@ def synchronizer(device: str | torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+# The text of the warning torch.cuda.set_sync_debug_mode("warn") gives for each such call.
+SYNCHRONIZING_CALL = "called a synchronizing CUDA operation"
+
+
+def host_syncs(step: Step, device: str | torch.device) -> int | None:
+    """How many synchronising CUDA calls one ``step`` makes, counted from the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (backward's worker threads included); None
+    off CUDA, where nothing waits for the device."""
+    if torch.device(device).type != "cuda":
+        return None
+    synchronizer(device)()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum(SYNCHRONIZING_CALL in str(warning.message) for warning in caught)
 
 
 def time_steps(

@@ -2,10 +2,12 @@
 
 import functools
 import json
+import warnings
 
 import torch
 
 from benchmarks import selection_speed
+from benchmarks.core import measure
 
 
 def test_a_tiny_shape_gives_one_row_per_variant():
@@ -23,6 +25,29 @@ def test_a_tiny_shape_gives_one_row_per_variant():
     selections = {row["variant"]: row for row in rows if row["variant"].startswith("select")}
     assert selections["select bf16"]["screened in"] == "bfloat16"
     assert selections["select auto"]["screened in"] == "float32"  # too small to measure
+    assert all(row["host syncs"] is None for row in rows)  # counted on CUDA only
+
+
+def test_proxyanchor_adds_its_step_on_the_same_batch():
+    shape = selection_speed.Shape("tiny", 4, 30, 2, 8, top_k=7)
+    rows = selection_speed.measure(shape, repeats=1, warmup=0, compiled=False, proxyanchor=True)
+    assert rows[-1]["variant"] == "step ProxyAnchor" and rows[-1]["ms"] > 0
+
+
+def test_host_syncs_counts_cuda_sync_warnings_and_restores_the_mode(monkeypatch):
+    """The CUDA calls stand in for a GPU: the count is of set_sync_debug_mode's warnings."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        for message in (measure.SYNCHRONIZING_CALL, "another warning", measure.SYNCHRONIZING_CALL):
+            warnings.warn(message, stacklevel=1)
+
+    assert measure.host_syncs(step, "cuda") == 2
+    assert modes == ["warn", 0]
+    assert measure.host_syncs(step, "cpu") is None
 
 
 def test_compile_adds_the_compiled_step(monkeypatch):
