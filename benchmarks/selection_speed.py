@@ -143,11 +143,11 @@ def _variants(
         module(embeddings, labels).backward()
 
     def unchecked_step_syncs(precision: str) -> int | None:
-        loss.check_inputs = False
+        checked, loss.check_inputs = loss.check_inputs, False
         try:
             return host_syncs(lambda: step(precision), device)
         finally:
-            loss.check_inputs = True
+            loss.check_inputs = checked
 
     host_syncs_of = {}
     for precision in TIMED_SELECTION_PRECISIONS:
