@@ -117,13 +117,12 @@ def floor_step(
     """The configuration's forward-only products: ``product_floor`` and, with λ > 0, the
     regulariser's logits, every unit proxy against every class's sum of unit proxies (the
     Gram matrix with N = 1). An exact step pays these and its backward on top."""
-    products = [product_floor(embeddings, proxies)]
-    if config.weight_lambda:
-        with torch.no_grad():
-            units = F.normalize(proxies)
-            class_sums = units.view(config.num_classes, config.proxies_per_class, -1).sum(1)
-            products.append(units @ class_sums.T)
-    return products
+    if not config.weight_lambda:
+        return [product_floor(embeddings, proxies)]
+    with torch.no_grad():
+        units = F.normalize(proxies)  # once for both products, as a step normalises them
+        class_sums = units.view(config.num_classes, config.proxies_per_class, -1).sum(1)
+        return [F.normalize(embeddings) @ units.T, units @ class_sums.T]
 
 
 def compare(official: type, config: Config, repeats: int, seed: int = 0) -> dict[str, Any]:
